@@ -1,0 +1,147 @@
+"""The ``aol`` command: ``aol shards synth|verify|inspect``, ``aol eval``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _shards_synth(args: argparse.Namespace) -> int:
+    from aol_dist.data.build import build_synth
+
+    manifest = build_synth(args.out, args.train, args.validate, args.test, args.image_size, args.seed,
+                           args.samples_per_shard, args.workers)
+    counts = {s: v["samples"] for s, v in manifest["splits"].items()}
+    print(f"{args.out}: synthetic shards {counts} (reused {manifest['reused_shards']} finished shards)")
+    return 0
+
+
+def _shards_verify(args: argparse.Namespace) -> int:
+    from aol_dist.data.shards import ShardError, verify
+
+    try:
+        counts = verify(args.dir)
+    except ShardError as e:
+        print(f"verify failed: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: ok, {counts}")
+    return 0
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from aol_dist.data.shards import inspect
+
+    summary = inspect(args.dir)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{args.dir}[/]: dataset {summary['dataset']}, image size {summary['image_size']}, "
+                  f"label sets {summary['label_sets']}")
+    for split, s in summary["splits"].items():
+        console.print(f"{split}: {s['samples']} samples in {s['shards']} shards, {s['skipped']} skipped at conversion")
+        if "prevalence" not in s:
+            continue
+        cols = list(s["prevalence"])
+        table = Table(title=f"{split}: prevalence per label set" + (" (and accuracy vs truth)" if "accuracy_vs_truth" in s else ""))
+        table.add_column("finding")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for j, f in enumerate(summary["findings"]):
+            cells = []
+            for c in cols:
+                cell = f"{s['prevalence'][c][j]:.3f}"
+                if c in s.get("accuracy_vs_truth", {}):
+                    cell += f" ({s['accuracy_vs_truth'][c][j]:.2f})"
+                cells.append(cell)
+            table.add_row(f, *cells)
+        console.print(table)
+        console.print("agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in s["agreement"].items()))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from aol_dist import dist
+    from aol_dist.config import load_config
+    from aol_dist.data.shards import read_manifest, split_shards
+    from aol_dist.data.stream import EvalStream, make_loader
+    from aol_dist.evaluate import auc_table, evaluate, write_results
+    from aol_dist.model.backbone import Classifier
+
+    run = Path(args.run)
+    config = load_config(run / "config.toml")
+    shard_dir = args.shards or config.data.shards
+    manifest = read_manifest(shard_dir)
+    world = dist.init_world() if "WORLD_SIZE" in os.environ else dist.World()
+    checkpoint = torch.load(run / "model.pt", map_location=world.device, weights_only=True)
+    if list(manifest["findings"]) != checkpoint["findings"]:
+        raise SystemExit(f"{shard_dir}: findings differ from the checkpoint's")
+    model = Classifier(config.model.arch, len(checkpoint["findings"])).to(world.device)
+    model.load_state_dict(checkpoint["model"])
+    names = [n for n in checkpoint["label_sets"] if n in manifest["label_sets"]]
+    index = [manifest["label_sets"].index(n) for n in names]
+    for split in args.split:
+        stream = EvalStream(split_shards(shard_dir, manifest, split), world.rank, world.world_size, args.batch_size, index)
+        result = evaluate(model, make_loader(stream, 0), names, manifest["findings"], world)
+        if world.is_main:
+            from rich.console import Console
+
+            Console().print(auc_table(result, f"{shard_dir}:{split}"))
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                write_results(Path(args.out), split, result)
+    dist.shutdown(world)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aol", description="attention-on-label training tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shards = sub.add_parser("shards", help="build, verify and inspect WebDataset shards").add_subparsers(
+        dest="shards_command", required=True)
+    synth = shards.add_parser("synth", help="the built-in synthetic chest-radiograph-like dataset")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--train", type=int, default=4000, help="training studies")
+    synth.add_argument("--validate", type=int, default=500, help="validation studies")
+    synth.add_argument("--test", type=int, default=1000, help="test studies (with truth)")
+    synth.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--samples-per-shard", type=int, default=250)
+    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard writers")
+    synth.set_defaults(func=_shards_synth)
+
+    verify = shards.add_parser("verify", help="re-read every shard against the manifest")
+    verify.add_argument("dir")
+    verify.set_defaults(func=_shards_verify)
+
+    insp = shards.add_parser("inspect", help="counts, prevalence and agreement of label sets")
+    insp.add_argument("dir")
+    insp.add_argument("--json", action="store_true", help="print one JSON object")
+    insp.set_defaults(func=_shards_inspect)
+
+    ev = sub.add_parser("eval", help="per-finding AUC tables of a finished run on shard splits")
+    ev.add_argument("run", help="run directory (holds config.toml and model.pt)")
+    ev.add_argument("--shards", help="shard directory (default: the run's data.shards)")
+    ev.add_argument("--split", nargs="+", default=["test"])
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--out", help="directory for auc_<split>.json/.csv")
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

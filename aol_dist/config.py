@@ -1,0 +1,231 @@
+"""One frozen, typed config tree: TOML file + ``section.key=value`` overrides, validated on load.
+
+The resolved config is written into every run directory together with the git revision, so a run
+can be reproduced from its directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "shards/synth"
+    """Directory holding ``manifest.json`` and the tar shards (``aol shards ... --out DIR``)."""
+    train_split: str = "train"
+    """Split the model trains on."""
+    eval_splits: tuple[str, ...] = ("test",)
+    """Splits evaluated at the end (and every ``train.eval_every`` steps): AUC against truth and each label set."""
+    label_sets: tuple[str, ...] = ()
+    """Label sets the method uses, by name; empty means all label sets in the manifest."""
+    batch_size: int = 32
+    """Samples per rank per step (Sec. 5.1: 32)."""
+    shuffle_buffer: int = 512
+    """Samples held by each reader worker for shuffling."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank; each reads a disjoint subset of the rank's shards."""
+
+    def validate(self) -> None:
+        _require(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        _require(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _require(len(set(self.label_sets)) == len(self.label_sets), "data.label_sets has duplicates")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet50"
+    """Backbone: resnet_tiny (CPU demo), resnet18, resnet34, resnet50 (the paper's)."""
+    pretrained: str = ""
+    """Local path of ImageNet weights (a torchvision state dict); empty = random init. Never downloaded."""
+
+    def validate(self) -> None:
+        from aol_dist.model.backbone import ARCHS
+
+        _require(self.arch in ARCHS, f"model.arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        _require(not self.pretrained or Path(self.pretrained).is_file(), f"model.pretrained: no file {self.pretrained!r}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "aol"
+    """aol (attention-on-label), single (plain BCE on ``single_label_set``), majority, soft_average."""
+    meta_lr: float = 0.2
+    """alpha of Eq. 1: step size of the per-label-set meta update."""
+    lr: float = 1e-4
+    """beta of Eq. 4: Adam learning rate of the classifier."""
+    attention_lr: float = 0.05
+    """SGD learning rate of W_attn, b_attn (Eq. 5 writes beta; Listing 1 uses a separate attn_lr)."""
+    k: float = 50.0
+    """Sharpness of the differentiable binarization (Eq. 3)."""
+    threshold: float = 0.5
+    """T of Eq. 3; Listing 1 uses 0.1 with its mean combination."""
+    combine: str = "text"
+    """text: y_bar = sum_m w_m y_m (Sec. 3.2); listing: mean_m w_m y_m (Listing 1, A.6)."""
+    attention: str = "per_set"
+    """per_set: one weight per label set and sample (Eq. 2); per_finding: one per label set, finding and sample."""
+    single_label_set: str = ""
+    """Label set used by method ``single``; empty = the first one."""
+
+    def validate(self) -> None:
+        _require(self.name in ("aol", "single", "majority", "soft_average"), f"method.name unknown: {self.name!r}")
+        _require(self.combine in ("text", "listing"), f"method.combine must be text or listing, got {self.combine!r}")
+        _require(self.attention in ("per_set", "per_finding"), f"method.attention unknown: {self.attention!r}")
+        _require(self.meta_lr > 0 and self.lr > 0 and self.attention_lr >= 0, "learning rates must be positive")
+        _require(self.k > 0, "method.k must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps (every rank runs exactly this many)."""
+    seed: int = 0
+    """Seeds model init (identical on every rank) and the data order (seed, epoch)."""
+    log_every: int = 10
+    """Steps between JSONL log lines."""
+    eval_every: int = 0
+    """Steps between evaluations during training; 0 = only at the end."""
+    eval_batch_size: int = 64
+    """Samples per rank per evaluation batch."""
+    out_dir: str = "runs"
+    """Parent of run directories."""
+    run_name: str = ""
+    """Run directory name; empty = ``<method>-<UTC time>``."""
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "train.steps must be >= 1")
+        _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.eval_every >= 0, "train.eval_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        for f in fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's declared type."""
+    origin = get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner, _) = get_args(typ)
+        return tuple(_coerce(v, inner, where) for v in value)
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot read {value!r} as {typ.__name__}") from None
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a table")
+            kwargs[name] = _build(typ, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "method.k=25"]`` -> nested dict of strings."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value.strip()
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a TOML config (or the defaults), apply ``section.key=value`` overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    values = _merge(values, parse_overrides(list(overrides)))
+    return _build(Config, values, "").validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "").validate()
+
+
+def git_revision() -> str:
+    """The checkout's commit (with ``-dirty`` if modified), or ``unknown`` outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def to_toml(config: Config, revision: str) -> str:
+    import tomli_w
+
+    return f"# git revision: {revision}\n" + tomli_w.dumps(config.to_dict())

@@ -1,0 +1,336 @@
+"""WebDataset tar shards and their manifest: writing (parallel, resumable, atomic), verify, inspect.
+
+One sample = one frontal image (8-bit grey PNG, resized once at conversion), the M label vectors as
+one ``(M, N)`` uint8 array (names in the manifest), an optional ``truth`` vector, report text and
+token ids (optional), and the study ids. Files inside a sample:
+
+    <key>.png  <key>.labels.npy  [<key>.truth.npy]  [<key>.tokens.npy]  <key>.txt  <key>.ids.json
+
+Layout of a shard directory::
+
+    DIR/manifest.json                 splits -> shards -> sample counts and sha256
+    DIR/<split>-000000.tar            finished shard (only ever appears by rename)
+    DIR/<split>-000000.tar.json       its record: samples, sha256, skipped samples
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest that does not match what was written; the message names the file."""
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
+    """Canonical sample dict -> the files of one tar sample (suffix -> bytes)."""
+    image = np.asarray(sample["image"])
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"sample {sample['key']}: image must be a 2-D uint8 array, got {image.dtype} {image.shape}")
+    png = io.BytesIO()
+    Image.fromarray(image, mode="L").save(png, format="PNG", compress_level=1)
+    files = {
+        "png": png.getvalue(),
+        "labels.npy": _npy_bytes(np.asarray(sample["labels"], dtype=np.uint8)),
+        "txt": sample.get("report", "").encode("utf-8"),
+        "ids.json": json.dumps(sample.get("ids", {}), sort_keys=True).encode("utf-8"),
+    }
+    if sample.get("truth") is not None:
+        files["truth.npy"] = _npy_bytes(np.asarray(sample["truth"], dtype=np.uint8))
+    if sample.get("tokens") is not None:
+        files["tokens.npy"] = _npy_bytes(np.asarray(sample["tokens"], dtype=np.int32))
+    return files
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != "L":
+            im = im.convert("L")
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[dict[str, bytes]]:
+    """Raw samples of one shard in file order: ``{"__key__": key, suffix: bytes, ...}``.
+
+    A truncated or corrupt tar raises :class:`ShardError` naming the shard.
+    """
+    path = Path(path)
+    current: dict[str, Any] | None = None
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key}
+                current[suffix] = data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{path}: unreadable or truncated tar shard ({e})") from None
+    if current is not None:
+        yield current
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    path = Path(shard_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no manifest; build shards with `aol shards synth|mimic|... --out {shard_dir}`") from None
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT_VERSION}")
+    return manifest
+
+
+def split_shards(shard_dir: str | Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
+    """``[(path, samples), ...]`` of one split, in manifest order."""
+    if split not in manifest["splits"]:
+        raise ShardError(f"{Path(shard_dir) / MANIFEST}: no split {split!r}; has {sorted(manifest['splits'])}")
+    return [(Path(shard_dir) / s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary name and rename, so ``path`` is whole or absent."""
+    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: its file name and the source items it holds (indices, paths, ...)."""
+
+    name: str
+    items: tuple[Any, ...]
+
+
+def write_shard(out_dir: Path, job: ShardJob, make_sample: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any]:
+    """Write one shard to a temporary name and rename it; return its record.
+
+    ``make_sample(item)`` returns a canonical sample dict, or raises ``SkipSample`` for a sample
+    that is safe to skip (counted with its reason in the record).
+    """
+    import webdataset as wds
+
+    final = out_dir / job.name
+    tmp = out_dir / f".{job.name}.tmp{os.getpid()}"
+    skipped: list[dict[str, str]] = []
+    count = 0
+    with open(tmp, "wb") as stream:
+        # mtime fixed so a re-run writes byte-identical shards (resume == uninterrupted).
+        with wds.TarWriter(stream, encoder=False, mtime=0.0) as sink:
+            for item in job.items:
+                try:
+                    sample = make_sample(item)
+                except SkipSample as e:
+                    skipped.append({"item": str(item), "reason": str(e)})
+                    continue
+                files = encode_sample(sample)
+                sink.write({"__key__": sample["key"], **files})
+                count += 1
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, final)
+    record = {"name": job.name, "samples": count, "sha256": _sha256(final), "skipped": skipped}
+    # The record is written after the shard: a shard without a record is redone on resume.
+    atomic_write_text(out_dir / f"{job.name}.json", json.dumps(record))
+    return record
+
+
+class SkipSample(Exception):
+    """Raised by a sample maker for an input that is safe to skip; the reason is reported."""
+
+
+def _finished_record(out_dir: Path, job: ShardJob) -> dict[str, Any] | None:
+    record_path = out_dir / f"{job.name}.json"
+    if not (record_path.is_file() and (out_dir / job.name).is_file()):
+        return None
+    try:
+        return json.loads(record_path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def write_split(out_dir: str | Path, jobs: Sequence[ShardJob], make_sample: Callable[[Any], dict[str, Any]],
+                workers: int = 1) -> tuple[list[dict[str, Any]], int]:
+    """Write every shard of a split, skipping shards already finished (resumable); parallel over shards.
+
+    Returns the shard records in job order and how many shards were already there.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for job in jobs:
+        done = _finished_record(out_dir, job)
+        if done is not None:
+            records[job.name] = done
+        else:
+            todo.append(job)
+    reused = len(records)
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(write_shard, out_dir, job, make_sample) for job in todo]
+            for job, fut in zip(todo, futures):
+                records[job.name] = fut.result()
+    else:
+        for job in todo:
+            records[job.name] = write_shard(out_dir, job, make_sample)
+    return [records[j.name] for j in jobs], reused
+
+
+def write_manifest(out_dir: str | Path, *, dataset: str, findings: Sequence[str], label_sets: Sequence[str],
+                   splits: dict[str, list[dict[str, Any]]], image_size: int, tokenizer: dict[str, Any] | None = None,
+                   source: dict[str, Any] | None = None, has_truth: dict[str, bool] | None = None) -> dict[str, Any]:
+    manifest = {
+        "format": FORMAT_VERSION,
+        "dataset": dataset,
+        "findings": list(findings),
+        "label_sets": list(label_sets),
+        "image_size": image_size,
+        "tokenizer": tokenizer,
+        "source": source or {},
+        "splits": {
+            name: {
+                "samples": sum(r["samples"] for r in records),
+                "has_truth": bool((has_truth or {}).get(name, False)),
+                "shards": [{k: r[k] for k in ("name", "samples", "sha256")} for r in records],
+                "skipped": sum(len(r.get("skipped", [])) for r in records),
+            }
+            for name, records in splits.items()
+        },
+    }
+    atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def plan_jobs(split: str, items: Sequence[Any], samples_per_shard: int) -> list[ShardJob]:
+    """Cut ``items`` into consecutive shards of ``samples_per_shard`` named ``<split>-NNNNNN.tar``."""
+    if samples_per_shard < 1:
+        raise ValueError("samples_per_shard must be >= 1")
+    return [ShardJob(f"{split}-{i // samples_per_shard:06d}.tar", tuple(items[i:i + samples_per_shard]))
+            for i in range(0, len(items), samples_per_shard)]
+
+
+# --------------------------------------------------------------------------- verify / inspect
+
+
+def verify(shard_dir: str | Path) -> dict[str, int]:
+    """Re-read every shard against the manifest: checksum, sample count, decodability, label shapes.
+
+    Raises :class:`ShardError` naming the first bad shard; returns samples per split.
+    """
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    m, n = len(manifest["label_sets"]), len(manifest["findings"])
+    counts = {}
+    for split, info in manifest["splits"].items():
+        total = 0
+        for entry in info["shards"]:
+            path = shard_dir / entry["name"]
+            if not path.is_file():
+                raise ShardError(f"{path}: missing (listed in the manifest)")
+            if _sha256(path) != entry["sha256"]:
+                raise ShardError(f"{path}: checksum differs from the manifest")
+            seen = 0
+            for raw in iter_tar_samples(path):
+                where = f"{path}: sample {raw['__key__']}"
+                try:
+                    decode_image(raw["png"])
+                    labels = decode_array(raw["labels.npy"])
+                    truth = decode_array(raw["truth.npy"]) if "truth.npy" in raw else None
+                except Exception as e:  # noqa: BLE001 - any decode failure is a bad shard
+                    raise ShardError(f"{where}: cannot decode ({e})") from None
+                if labels.shape != (m, n):
+                    raise ShardError(f"{where}: labels shape {labels.shape}, manifest says ({m}, {n})")
+                if truth is not None and truth.shape != (n,):
+                    raise ShardError(f"{where}: truth shape {truth.shape}, manifest says ({n},)")
+                seen += 1
+            if seen != entry["samples"]:
+                raise ShardError(f"{path}: {seen} samples, manifest says {entry['samples']}")
+            total += seen
+        counts[split] = total
+    return counts
+
+
+def inspect(shard_dir: str | Path) -> dict[str, Any]:
+    """Counts, prevalence per label set and finding, and agreement between label sets, per split."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    names = list(manifest["label_sets"])
+    out: dict[str, Any] = {"dataset": manifest["dataset"], "label_sets": names, "findings": manifest["findings"],
+                           "image_size": manifest["image_size"], "tokenizer": manifest["tokenizer"], "splits": {}}
+    for split, info in manifest["splits"].items():
+        labels, truths = [], []
+        for path, _ in split_shards(shard_dir, manifest, split):
+            for raw in iter_tar_samples(path):
+                labels.append(decode_array(raw["labels.npy"]))
+                if "truth.npy" in raw:
+                    truths.append(decode_array(raw["truth.npy"]))
+        summary: dict[str, Any] = {"samples": len(labels), "shards": len(info["shards"]), "skipped": info.get("skipped", 0)}
+        if labels:
+            y = np.stack(labels).astype(np.float64)  # (S, M, N)
+            summary["prevalence"] = {name: y[:, i].mean(0).round(4).tolist() for i, name in enumerate(names)}
+            summary["agreement"] = {f"{a}|{b}": float((y[:, i] == y[:, j]).mean().round(4))
+                                    for i, a in enumerate(names) for j, b in enumerate(names) if i < j}
+            if truths and len(truths) == len(labels):
+                t = np.stack(truths).astype(np.float64)
+                summary["prevalence"]["truth"] = t.mean(0).round(4).tolist()
+                summary["accuracy_vs_truth"] = {name: (y[:, i] == t).mean(0).round(4).tolist()
+                                                for i, name in enumerate(names)}
+        out["splits"][split] = summary
+    return out

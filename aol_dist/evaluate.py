@@ -1,0 +1,103 @@
+"""Per-finding AUROC with torchmetrics, synchronised across ranks; tables as rich, JSON and CSV.
+
+Every rank evaluates its own disjoint share of the split (``EvalStream``) and every rank calls
+``compute()``, which gathers the predictions of all ranks: the AUC is that of the whole split,
+each sample counted once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torchmetrics.classification import MultilabelAUROC
+
+from aol_dist.data.stream import to_device
+from aol_dist.dist import World, all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings: Sequence[str],
+             world: World) -> dict[str, Any]:
+    """AUROC per finding of ``model``'s predictions against ``truth`` (when the split has it) and
+    against each noisy label set. A finding whose targets hold one class only gets NaN."""
+    was_training = model.training
+    model.eval()
+    n = len(findings)
+    targets = ["truth", *label_sets]
+    metrics = {t: MultilabelAUROC(num_labels=n, average=None, thresholds=None).to(world.device) for t in targets}
+    positives = torch.zeros(len(targets), n, dtype=torch.float64, device=world.device)
+    samples = torch.zeros(2, dtype=torch.float64, device=world.device)  # [all, with truth]
+    for raw in loader:
+        batch = to_device(raw, world.device)
+        probs = torch.sigmoid(model(batch["image"]).float())
+        samples[0] += probs.shape[0]
+        if "truth" in batch:
+            samples[1] += probs.shape[0]
+            metrics["truth"].update(probs, batch["truth"].long())
+            positives[0] += batch["truth"].sum(0).double()
+        for i, name in enumerate(label_sets):
+            metrics[name].update(probs, batch["labels"][:, i].long())
+            positives[i + 1] += batch["labels"][:, i].sum(0).double()
+    all_reduce_sum(samples, world)
+    all_reduce_sum(positives, world)
+    total, with_truth = int(samples[0].item()), int(samples[1].item())
+    if with_truth not in (0, total):
+        raise ValueError(f"{with_truth} of {total} evaluation samples have a truth vector: all or none must")
+    auc: dict[str, list[float]] = {}
+    for t, name in enumerate(targets):
+        if name == "truth" and with_truth == 0:
+            continue
+        values = metrics[name].compute().double().cpu()  # collective: every rank calls it
+        pos = positives[t].cpu()
+        defined = (pos > 0) & (pos < total)
+        auc[name] = [float(v) if ok else math.nan for v, ok in zip(values.tolist(), defined.tolist())]
+    model.train(was_training)
+    return {"samples": total, "findings": list(findings), "auc": auc,
+            "mean_auc": {k: _nanmean(v) for k, v in auc.items()}}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    ok = [v for v in values if not math.isnan(v)]
+    return sum(ok) / len(ok) if ok else math.nan
+
+
+def auc_csv(result: dict[str, Any]) -> str:
+    """Findings as rows, targets as columns, a final mean row."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    targets = list(result["auc"])
+    w.writerow(["finding", *targets])
+    for i, f in enumerate(result["findings"]):
+        w.writerow([f, *(f"{result['auc'][t][i]:.4f}" for t in targets)])
+    w.writerow(["Mean", *(f"{result['mean_auc'][t]:.4f}" for t in targets)])
+    return out.getvalue()
+
+
+def auc_table(result: dict[str, Any], title: str):
+    from rich.table import Table
+
+    targets = list(result["auc"])
+    table = Table(title=f"{title} ({result['samples']} samples): AUROC per finding")
+    table.add_column("finding")
+    for t in targets:
+        table.add_column(t + (" (hand/true)" if t == "truth" else ""), justify="right")
+    fmt = lambda v: "n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    for i, f in enumerate(result["findings"]):
+        table.add_row(f, *(fmt(result["auc"][t][i]) for t in targets))
+    table.add_section()
+    table.add_row("Mean", *(fmt(result["mean_auc"][t]) for t in targets), style="bold")
+    return table
+
+
+def write_results(run_dir: Path, split: str, result: dict[str, Any]) -> None:
+    from aol_dist.data.shards import atomic_write_text
+
+    atomic_write_text(run_dir / f"auc_{split}.json", json.dumps(result, indent=1))
+    atomic_write_text(run_dir / f"auc_{split}.csv", auc_csv(result))

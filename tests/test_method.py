@@ -1,0 +1,185 @@
+"""The math of the meta step against hand-written references (Eq. 1-5, Theorem 1 of A.1)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aol_dist.method.aol import AolHyper, aol_step, attended_labels, bce, meta_features
+from aol_dist.method.baselines import majority_target, soft_average_target
+from aol_dist.model.attention import LabelAttention, binarize, combine_labels
+from aol_dist.model.backbone import Classifier
+
+torch.set_default_dtype(torch.float64)
+
+
+class TinyNet(nn.Module):
+    """x -> relu(bn(fc1 x)) = F -> head: small enough for finite differences, with batch norm."""
+
+    def __init__(self, d_in=3, d=4, n=2):
+        super().__init__()
+        self.fc1, self.bn, self.head = nn.Linear(d_in, d), nn.BatchNorm1d(d), nn.Linear(d, n)
+
+    def forward(self, x, features_only=False):
+        f = torch.relu(self.bn(self.fc1(x)))
+        return f if features_only else self.head(f)
+
+
+def manual_features(w1, b1, gamma, beta, x):
+    h = x @ w1.T + b1
+    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5) * gamma + beta
+    return torch.relu(h)
+
+
+def test_theorem1_weighted_label_bce_equals_weighted_bce():
+    """A.1: without binarization, BCE(p, sum_m w_m y_m) = sum_m w_m BCE(p, y_m), per set and per finding."""
+    g = torch.Generator().manual_seed(0)
+    b, m, n = 7, 4, 5
+    z = torch.randn(b, n, generator=g)
+    y = torch.randint(0, 2, (b, m, n), generator=g).double()
+    for shape in ((b, m, 1), (b, m, n)):
+        w = torch.softmax(torch.randn(*shape, generator=g), dim=1)
+        left = F.binary_cross_entropy_with_logits(z, combine_labels(w, y, "text"), reduction="none")
+        right = sum(w[:, i] * F.binary_cross_entropy_with_logits(z, y[:, i], reduction="none") for i in range(m))
+        torch.testing.assert_close(left, right)
+
+
+def test_listing_combination_is_text_over_m_and_binarize_is_eq3():
+    w = torch.softmax(torch.randn(3, 4, 1), 1)
+    y = torch.randint(0, 2, (3, 4, 6)).double()
+    torch.testing.assert_close(combine_labels(w, y, "listing"), combine_labels(w, y, "text") / 4)
+    y_bar = torch.tensor([0.0, 0.49, 0.5, 0.51, 1.0])
+    expected = 1.0 / (1.0 + torch.exp(-50.0 * (y_bar - 0.5)))
+    torch.testing.assert_close(binarize(y_bar, 50.0, 0.5), expected)
+    assert binarize(torch.tensor(1.0)) > 0.999 and binarize(torch.tensor(0.0)) < 1e-3
+
+
+def test_meta_features_match_finite_difference_reference():
+    """Eq. 1 with a finite-difference gradient, then F_m by a hand-written forward in train mode."""
+    torch.manual_seed(1)
+    net = TinyNet()
+    x = torch.randn(6, 3)
+    labels = torch.randint(0, 2, (6, 3, 2)).double()
+    alpha = 0.2
+    logits = net(x)
+    got = meta_features(net, x, logits, labels, alpha)
+    assert got.shape == (6, 3, 4) and not got.requires_grad
+
+    names = ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "head.weight", "head.bias"]
+    base = {k: v.detach().clone() for k, v in net.named_parameters()}
+
+    def loss_at(params, target):
+        f = manual_features(params["fc1.weight"], params["fc1.bias"], params["bn.weight"], params["bn.bias"], x)
+        return F.binary_cross_entropy_with_logits(f @ params["head.weight"].T + params["head.bias"], target)
+
+    eps = 1e-6
+    for m in range(3):
+        theta_m = {}
+        for k in names:
+            grad = torch.zeros_like(base[k])
+            for idx in range(base[k].numel()):
+                plus = {kk: vv.clone() for kk, vv in base.items()}
+                minus = {kk: vv.clone() for kk, vv in base.items()}
+                plus[k].view(-1)[idx] += eps
+                minus[k].view(-1)[idx] -= eps
+                grad.view(-1)[idx] = (loss_at(plus, labels[:, m]) - loss_at(minus, labels[:, m])) / (2 * eps)
+            theta_m[k] = base[k] - alpha * grad
+        expected = manual_features(theta_m["fc1.weight"], theta_m["fc1.bias"], theta_m["bn.weight"], theta_m["bn.bias"], x)
+        torch.testing.assert_close(got[:, m], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_meta_forwards_leave_batchnorm_running_statistics_alone():
+    torch.manual_seed(2)
+    model = Classifier("resnet_tiny", 5)
+    x = torch.rand(4, 1, 32, 32)
+    labels = torch.randint(0, 2, (4, 3, 5)).double()
+    logits = model(x)  # the one real forward updates the statistics, as in plain training
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    feats = meta_features(model, x, logits, labels, 0.2)
+    assert feats.shape == (4, 3, model.feature_dim)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+    # the meta forwards used batch statistics: different labels -> different updated weights -> different F_m
+    assert not torch.allclose(feats[:, 0], feats[:, 1]) or torch.equal(labels[:, 0], labels[:, 1])
+
+
+@pytest.mark.parametrize("per_finding", [False, True])
+@pytest.mark.parametrize("combine", ["text", "listing"])
+def test_attention_gradient_matches_closed_form(per_finding, combine):
+    """grad_{W,b} L of Eq. 5 written out by the chain rule through Eq. 3 and Eq. 2."""
+    torch.manual_seed(3)
+    b, m, n, d = 5, 3, 4, 6
+    k, t = 5.0, 0.4 if combine == "text" else 0.15  # a soft k keeps every term away from saturation
+    att = LabelAttention(d, m, n, per_finding)
+    nn.init.normal_(att.attn_fc.weight, std=0.3)
+    nn.init.normal_(att.attn_fc.bias, std=0.3)
+    feats = torch.randn(b, m, d)
+    labels = torch.randint(0, 2, (b, m, n)).double()
+    z = torch.randn(b, n)
+    hp = AolHyper(k=k, threshold=t, combine=combine)
+    y_tilde, w = attended_labels(att, feats, labels, hp)
+    bce(z, y_tilde).backward()
+
+    # by hand
+    with torch.no_grad():
+        dl_dy = -z / (b * n)                                   # d BCE / d target
+        dy_dbar = k * y_tilde * (1 - y_tilde)                  # Eq. 3
+        scale = 1.0 if combine == "text" else 1.0 / m
+        g_bar = dl_dy * dy_dbar * scale                        # (B, N)
+        dl_dw = labels * g_bar[:, None, :]                     # (B, M, N)
+        if not per_finding:
+            dl_dw = dl_dw.sum(2, keepdim=True)                 # one weight for all findings
+        dl_ds = w * (dl_dw - (w * dl_dw).sum(1, keepdim=True))  # softmax Jacobian over m
+        dl_ds = dl_ds.reshape(b, -1)                           # matches attn_fc's output layout
+        grad_w = dl_ds.T @ feats.reshape(b, -1)
+        grad_b = dl_ds.sum(0)
+    torch.testing.assert_close(att.attn_fc.weight.grad, grad_w)
+    torch.testing.assert_close(att.attn_fc.bias.grad, grad_b)
+
+
+def test_attention_starts_uniform_and_sums_to_one():
+    att = LabelAttention(8, 4, 14, per_finding=True)
+    w = att(torch.randn(3, 4, 8))
+    assert w.shape == (3, 4, 14)
+    torch.testing.assert_close(w, torch.full_like(w, 0.25))
+    nn.init.normal_(att.attn_fc.weight)
+    torch.testing.assert_close(att(torch.randn(3, 4, 8)).sum(1), torch.ones(3, 14))
+
+
+def test_aol_step_updates_follow_eq4_and_eq5():
+    """The outer update is Adam on grad L(y_hat, y_tilde); attention is SGD on the same loss; meta steps
+    leave no trace in the parameters."""
+    torch.manual_seed(4)
+    net = TinyNet()
+    att = LabelAttention(4, 3, 2)
+    nn.init.normal_(att.attn_fc.weight, std=0.5)
+    x = torch.randn(8, 3)
+    labels = torch.randint(0, 2, (8, 3, 2)).double()
+    hp = AolHyper(meta_lr=0.2, k=5.0, threshold=0.5)
+
+    ref_net, ref_att = copy.deepcopy(net), copy.deepcopy(att)
+    logits = ref_net(x)
+    feats = meta_features(ref_net, x, logits, labels, hp.meta_lr)
+    y_tilde, _ = attended_labels(ref_att, feats, labels, hp)
+    loss = bce(logits, y_tilde)
+    g_net = torch.autograd.grad(loss, list(ref_net.parameters()), retain_graph=True)
+    g_att = torch.autograd.grad(loss, list(ref_att.parameters()))
+
+    opt, att_opt = torch.optim.Adam(net.parameters(), lr=1e-3), torch.optim.SGD(att.parameters(), lr=0.1)
+    out = aol_step(net, att, opt, att_opt, x, labels, hp)
+    torch.testing.assert_close(out["loss"], loss.detach())
+    # first Adam step: bias-corrected m = g, v = g^2, so the move is lr * g / (|g| + eps)
+    for p0, p1, g in zip(ref_net.parameters(), net.parameters(), g_net):
+        torch.testing.assert_close(p1, p0 - 1e-3 * g / (g.abs() + 1e-8), atol=1e-12, rtol=0)
+    for p0, p1, g in zip(ref_att.parameters(), att.parameters(), g_att):
+        torch.testing.assert_close(p1, p0 - 0.1 * g)
+
+
+def test_baseline_targets():
+    y = torch.tensor([[[1, 0], [1, 1], [0, 1], [1, 1]]]).double()  # (1, M=4, N=2)
+    torch.testing.assert_close(soft_average_target(y), torch.tensor([[0.75, 0.75]]))
+    torch.testing.assert_close(majority_target(y), torch.tensor([[1.0, 1.0]]))
+    tie = torch.tensor([[[1.0], [0.0]]])
+    torch.testing.assert_close(majority_target(tie), torch.tensor([[0.5]]))

@@ -1,0 +1,97 @@
+"""Shard writing is atomic and resumable; verify and inspect read what was written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import webdataset as wds
+
+from aol_dist.data import shards
+from aol_dist.data.shards import ShardError, inspect, verify
+from helpers import write_fake_shards
+
+
+def test_manifest_counts_and_verify(tmp_path):
+    m = write_fake_shards(tmp_path, {"train": [5, 4], "test": [3]}, workers=2)
+    assert m["splits"]["train"]["samples"] == 9
+    assert verify(tmp_path) == {"train": 9, "test": 3}
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_shards_are_readable_by_webdataset(tmp_path):
+    write_fake_shards(tmp_path, {"train": [4]})
+    samples = list(wds.WebDataset(str(tmp_path / "train-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [f"s{i:06d}" for i in range(4)]
+    assert set(samples[0]) >= {"png", "labels.npy", "truth.npy", "txt", "ids.json"}
+
+
+def test_rerun_skips_finished_shards_and_redoes_unrecorded_ones(tmp_path):
+    write_fake_shards(tmp_path, {"train": [5, 4]})
+    first = (tmp_path / "train-000001.tar").read_bytes()
+    os.remove(tmp_path / "train-000001.tar.json")  # as if killed between the shard's rename and its record
+    mtime0 = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    write_fake_shards(tmp_path, {"train": [5, 4]})
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == mtime0
+    assert (tmp_path / "train-000001.tar").read_bytes() == first  # deterministic bytes
+
+
+def test_sigkill_mid_write_leaves_no_shard_under_its_final_name(tmp_path):
+    code = f"""
+import os, signal, sys
+sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+from aol_dist.data import shards
+from helpers import fake_sample
+def dying(i):
+    if i == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fake_sample(i)
+shards.write_split({str(tmp_path)!r}, [shards.ShardJob("train-000000.tar", tuple(range(6)))], dying)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert proc.returncode == -9
+    assert not (tmp_path / "train-000000.tar").exists()
+    assert not (tmp_path / "train-000000.tar.json").exists()
+
+
+def test_verify_names_a_truncated_shard(tmp_path):
+    write_fake_shards(tmp_path, {"train": [5, 4]})
+    path = tmp_path / "train-000001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        verify(tmp_path)
+    with pytest.raises(ShardError, match="train-000001.tar: unreadable or truncated"):
+        list(shards.iter_tar_samples(path))
+
+
+def test_verify_names_a_shard_whose_count_differs(tmp_path):
+    write_fake_shards(tmp_path, {"train": [5]})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["samples"] = 6
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="train-000000.tar: 5 samples, manifest says 6"):
+        verify(tmp_path)
+
+
+def test_missing_manifest_says_how_to_build_one(tmp_path):
+    with pytest.raises(ShardError, match="no manifest"):
+        verify(tmp_path)
+
+
+def test_inspect_reports_counts_prevalence_agreement(tmp_path):
+    write_fake_shards(tmp_path, {"train": [6, 6]})
+    s = inspect(tmp_path)
+    train = s["splits"]["train"]
+    assert train["samples"] == 12 and s["label_sets"] == ["s0", "s1"]
+    assert train["agreement"]["s0|s1"] == 0.0  # s1 = 1 - s0 in the fake data
+    assert train["accuracy_vs_truth"]["s0"] == [1.0, 1.0, 1.0]
+
+
+def test_cli_verify_exit_code_names_bad_shard(tmp_path):
+    write_fake_shards(tmp_path, {"train": [3]})
+    (tmp_path / "train-000000.tar").write_bytes(b"garbage")
+    proc = subprocess.run([sys.executable, "-m", "aol_dist.cli", "shards", "verify", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "train-000000.tar" in proc.stderr
