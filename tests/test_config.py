@@ -1,0 +1,45 @@
+"""The config tree: TOML + overrides, validation with messages that name the key."""
+
+import tomllib
+
+import pytest
+
+from aol_dist.config import ConfigError, Config, load_config, to_toml
+
+
+def test_defaults_are_the_papers():
+    c = Config().validate()
+    assert (c.method.meta_lr, c.method.lr, c.method.k, c.method.threshold) == (0.2, 1e-4, 50.0, 0.5)
+    assert c.data.batch_size == 32 and c.method.combine == "text" and c.model.arch == "resnet50"
+
+
+def test_file_then_overrides(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[train]\nsteps = 5\n[data]\neval_splits = ["test", "validate"]\n')
+    c = load_config(p, ["train.steps=9", "method.k=25", "data.label_sets=negbio_u0,chexpert_u1"])
+    assert c.train.steps == 9 and c.method.k == 25.0
+    assert c.data.eval_splits == ("test", "validate")
+    assert c.data.label_sets == ("negbio_u0", "chexpert_u1")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.stepz=3", r"train\.: unknown keys \['stepz'\]"),
+    ("train.steps=abc", "train.steps: cannot read 'abc' as int"),
+    ("method.combine=median", "method.combine must be text or listing"),
+    ("model.arch=vgg", "model.arch must be one of"),
+    ("train.steps=0", "train.steps must be >= 1"),
+    ("nosection", "expected section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_written_config_round_trips(tmp_path):
+    c = load_config(None, ["train.steps=3", "data.eval_splits=test"])
+    text = to_toml(c, "abc123")
+    assert text.startswith("# git revision: abc123")
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    assert load_config(p) == c
+    assert tomllib.loads(text)["train"]["steps"] == 3
