@@ -12,7 +12,15 @@ from aol_dist.method.baselines import majority_target, soft_average_target
 from aol_dist.model.attention import LabelAttention, binarize, combine_labels
 from aol_dist.model.backbone import Classifier
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Finite differences and closed forms want float64; restore the default for other test modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class TinyNet(nn.Module):
