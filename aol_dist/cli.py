@@ -38,10 +38,11 @@ def _shards_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from aol_dist.report import make_console
+
+    console = make_console()
     console.print(f"[bold]{args.dir}[/]: dataset {summary['dataset']}, image size {summary['image_size']}, "
                   f"label sets {summary['label_sets']}")
     for split, s in summary["splits"].items():
@@ -92,9 +93,9 @@ def _eval(args: argparse.Namespace) -> int:
         stream = EvalStream(split_shards(shard_dir, manifest, split), world.rank, world.world_size, args.batch_size, index)
         result = evaluate(model, make_loader(stream, 0), names, manifest["findings"], world)
         if world.is_main:
-            from rich.console import Console
+            from aol_dist.report import make_console
 
-            Console().print(auc_table(result, f"{shard_dir}:{split}"))
+            make_console().print(auc_table(result, f"{shard_dir}:{split}"))
             if args.out:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 write_results(Path(args.out), split, result)

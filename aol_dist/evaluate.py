@@ -87,7 +87,7 @@ def auc_table(result: dict[str, Any], title: str):
     table = Table(title=f"{title} ({result['samples']} samples): AUROC per finding")
     table.add_column("finding")
     for t in targets:
-        table.add_column(t + (" (hand/true)" if t == "truth" else ""), justify="right")
+        table.add_column(t, justify="right")
     fmt = lambda v: "n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
     for i, f in enumerate(result["findings"]):
         table.add_row(f, *(fmt(result["auc"][t][i]) for t in targets))

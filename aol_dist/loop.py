@@ -25,6 +25,7 @@ from aol_dist.method import baselines
 from aol_dist.method.aol import AolHyper, aol_step
 from aol_dist.model.attention import LabelAttention
 from aol_dist.model.backbone import Classifier
+from aol_dist.report import attention_table, make_console
 
 
 @dataclass
@@ -132,8 +133,6 @@ def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world
 
 def train(config: Config, world: D.World) -> Path:
     """Train with ``config`` on this rank; returns the finished run directory."""
-    from rich.console import Console
-
     manifest = read_manifest(config.data.shards)
     _, label_index = resolve_label_sets(config, manifest)
     parts = build_parts(config, manifest, world)
@@ -142,7 +141,7 @@ def train(config: Config, world: D.World) -> Path:
                          config.data.num_workers, label_index)
     loader = make_loader(stream, config.data.num_workers)
     work, final = prepare_run_dir(config, world)
-    console = Console() if world.is_main else None
+    console = make_console() if world.is_main else None
     log = Log(work / "log.jsonl", world.is_main)
     trainable = [p for p in parts.model.parameters()] + [p for p in parts.attention.parameters()]
     buffers = list(parts.model.buffers())
@@ -193,7 +192,9 @@ def train(config: Config, world: D.World) -> Path:
     run_evaluation(parts, config, manifest, world, work, step, console)
     D.all_reduce_sum(weight_sum, world)
     if world.is_main:
-        _write_attention(work, parts, weight_sum / (world.world_size * step), config)
+        attention = _write_attention(work, parts, weight_sum / (world.world_size * step), config)
+        if attention:
+            console.print(attention_table(attention))
         _save_model(work, parts, step)
         work.rename(final)
         console.print(f"run directory: {final}")
@@ -220,15 +221,16 @@ def _log_window(log: Log, window: dict[str, Any], step: int, epoch: int, parts: 
     log.write(record)
 
 
-def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, config: Config) -> None:
+def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, config: Config) -> dict[str, Any] | None:
     """Mean learned attention weight per label set (and per finding) over training: who to believe."""
     if config.method.name != "aol":
-        return
+        return None
     w = mean_weights.cpu()
     record = {"label_sets": parts.label_sets, "mean": dict(zip(parts.label_sets, w.mean(1).tolist()))}
     if config.method.attention == "per_finding":
         record["per_finding"] = {f: dict(zip(parts.label_sets, w[:, j].tolist())) for j, f in enumerate(parts.findings)}
     atomic_write_text(run_dir / "attention.json", json.dumps(record, indent=1))
+    return record
 
 
 def _save_model(run_dir: Path, parts: Parts, step: int) -> None:
