@@ -71,3 +71,27 @@ def test_bad_override_is_a_clear_error_before_launch():
     proc = subprocess.run([sys.executable, "-m", "aol_dist.train", "train.steps=zero"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "train.steps: cannot read 'zero' as int" in proc.stderr
+
+
+def test_a_crashed_run_leaves_no_directory_under_its_final_name(tmp_path, monkeypatch):
+    from aol_dist import loop
+    from aol_dist.config import config_from_dict
+    from aol_dist.dist import World
+    from helpers import write_fake_shards
+
+    write_fake_shards(tmp_path / "shards", {"train": [12], "test": [4]})
+    calls = []
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return {"loss": torch.tensor(0.5)}
+
+    monkeypatch.setattr(loop, "aol_step", dying_step)
+    config = config_from_dict({"data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
+                               "model": {"arch": "resnet_tiny"},
+                               "train": {"steps": 3, "out_dir": str(tmp_path / "runs"), "run_name": "x"}})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.train(config, World())
+    assert not (tmp_path / "runs" / "x").exists() and (tmp_path / "runs" / "x.incomplete").is_dir()
