@@ -75,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
     from aol_dist.data.shards import read_manifest, split_shards
     from aol_dist.data.stream import EvalStream, make_loader
     from aol_dist.evaluate import auc_table, evaluate, write_results
-    from aol_dist.model.backbone import Classifier
+    from aol_dist.parts import build_parts
 
     run = Path(args.run)
     config = load_config(run / "config.toml")
@@ -85,13 +85,14 @@ def _eval(args: argparse.Namespace) -> int:
     checkpoint = torch.load(run / "model.pt", map_location=world.device, weights_only=True)
     if list(manifest["findings"]) != checkpoint["findings"]:
         raise SystemExit(f"{shard_dir}: findings differ from the checkpoint's")
-    model = Classifier(config.model.arch, len(checkpoint["findings"])).to(world.device)
-    model.load_state_dict(checkpoint["model"])
     names = [n for n in checkpoint["label_sets"] if n in manifest["label_sets"]]
     index = [manifest["label_sets"].index(n) for n in names]
+    # the run's own label sets rebuild the same modules; the split may hold any subset of them
+    parts = build_parts(config, {**manifest, "label_sets": checkpoint["label_sets"]}, world)
+    parts.model.load_state_dict(checkpoint["model"])
     for split in args.split:
         stream = EvalStream(split_shards(shard_dir, manifest, split), world.rank, world.world_size, args.batch_size, index)
-        result = evaluate(model, make_loader(stream, 0), names, manifest["findings"], world)
+        result = evaluate(parts.model, make_loader(stream, 0), names, manifest["findings"], world, parts.predict)
         if world.is_main:
             from aol_dist.report import make_console
 

@@ -44,18 +44,25 @@ class ModelConfig:
     """Backbone: resnet_tiny (CPU demo), resnet18, resnet34, resnet50 (the paper's)."""
     pretrained: str = ""
     """Local path of ImageNet weights (a torchvision state dict); empty = random init. Never downloaded."""
+    checkpointing: bool = False
+    """Gradient checkpointing per backbone stage: recompute activations in backward, less memory."""
+    text_encoder: str = ""
+    """Image+text mode (Sec. 3.3): local path of a Hugging Face BERT-family checkpoint (frozen, eval mode)
+    whose pooled report vector feeds two FC-512 layers concatenated with the image feature; empty = image only."""
 
     def validate(self) -> None:
         from aol_dist.model.backbone import ARCHS
 
         _require(self.arch in ARCHS, f"model.arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
         _require(not self.pretrained or Path(self.pretrained).is_file(), f"model.pretrained: no file {self.pretrained!r}")
+        _require(not self.text_encoder or Path(self.text_encoder).is_dir(),
+                 f"model.text_encoder: no directory {self.text_encoder!r}")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "aol"
-    """aol (attention-on-label), single (plain BCE on ``single_label_set``), majority, soft_average."""
+    """aol (attention-on-label), single (plain BCE on ``single_label_set``), majority, soft_average, cm (paper 002)."""
     meta_lr: float = 0.2
     """alpha of Eq. 1: step size of the per-label-set meta update."""
     lr: float = 1e-4
@@ -72,9 +79,18 @@ class MethodConfig:
     """per_set: one weight per label set and sample (Eq. 2); per_finding: one per label set, finding and sample."""
     single_label_set: str = ""
     """Label set used by method ``single``; empty = the first one."""
+    meta_scope: str = "full"
+    """full: meta-update all parameters (the paper). partial: only the last stage, text layers and head,
+    meta forwards from the cached activation before the last stage (an approximation, cheaper)."""
+    fast: bool = True
+    """Fast meta step (proven equal to the reference by the tests); false = the reference, reads like Alg. 1."""
+    cm_lambda: float = 0.01
+    """Weight of the mean-trace regulariser of the CM baseline (paper 002, Eq. 4)."""
 
     def validate(self) -> None:
-        _require(self.name in ("aol", "single", "majority", "soft_average"), f"method.name unknown: {self.name!r}")
+        _require(self.name in ("aol", "single", "majority", "soft_average", "cm"), f"method.name unknown: {self.name!r}")
+        _require(self.meta_scope in ("full", "partial"), f"method.meta_scope must be full or partial, got {self.meta_scope!r}")
+        _require(self.cm_lambda >= 0, "method.cm_lambda must be >= 0")
         _require(self.combine in ("text", "listing"), f"method.combine must be text or listing, got {self.combine!r}")
         _require(self.attention in ("per_set", "per_finding"), f"method.attention unknown: {self.attention!r}")
         _require(self.meta_lr > 0 and self.lr > 0 and self.attention_lr >= 0, "learning rates must be positive")

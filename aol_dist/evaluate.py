@@ -12,7 +12,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,9 +24,10 @@ from aol_dist.dist import World, all_reduce_sum
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings: Sequence[str],
-             world: World) -> dict[str, Any]:
+             world: World, predict: Callable[[dict[str, Any]], torch.Tensor] | None = None) -> dict[str, Any]:
     """AUROC per finding of ``model``'s predictions against ``truth`` (when the split has it) and
-    against each noisy label set. A finding whose targets hold one class only gets NaN."""
+    against each noisy label set. A finding whose targets hold one class only gets NaN.
+    ``predict(batch)`` gives the logits (default: ``model(batch["image"])``; image+text passes its own)."""
     was_training = model.training
     model.eval()
     n = len(findings)
@@ -36,7 +37,7 @@ def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings:
     samples = torch.zeros(2, dtype=torch.float64, device=world.device)  # [all, with truth]
     for raw in loader:
         batch = to_device(raw, world.device)
-        probs = torch.sigmoid(model(batch["image"]).float())
+        probs = torch.sigmoid((predict(batch) if predict else model(batch["image"])).float())
         samples[0] += probs.shape[0]
         if "truth" in batch:
             samples[1] += probs.shape[0]

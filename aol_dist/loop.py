@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -21,66 +20,8 @@ from aol_dist.config import Config, git_revision, to_toml
 from aol_dist.data.shards import atomic_write_text, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
 from aol_dist.evaluate import auc_table, evaluate, write_results
-from aol_dist.method import baselines
-from aol_dist.method.aol import AolHyper, aol_step
-from aol_dist.model.attention import LabelAttention
-from aol_dist.model.backbone import Classifier
+from aol_dist.parts import Parts, build_parts, resolve_label_sets
 from aol_dist.report import attention_table, make_console
-
-
-@dataclass
-class Parts:
-    """Everything a step needs, built identically on every rank."""
-
-    model: Classifier
-    attention: LabelAttention
-    optimizer: torch.optim.Optimizer
-    attention_optimizer: torch.optim.Optimizer
-    label_sets: list[str]
-    findings: list[str]
-    step: Callable[[dict[str, torch.Tensor], Callable[[], None]], dict[str, torch.Tensor]]
-
-
-def resolve_label_sets(config: Config, manifest: dict[str, Any]) -> tuple[list[str], list[int]]:
-    available = list(manifest["label_sets"])
-    wanted = list(config.data.label_sets) or available
-    missing = [n for n in wanted if n not in available]
-    if missing:
-        raise ValueError(f"data.label_sets {missing} not in the shards' label sets {available}")
-    return wanted, [available.index(n) for n in wanted]
-
-
-def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Parts:
-    label_sets, _ = resolve_label_sets(config, manifest)
-    findings = list(manifest["findings"])
-    torch.manual_seed(config.train.seed)  # identical init on every rank; broadcast below makes it certain
-    model = Classifier(config.model.arch, len(findings), config.model.pretrained).to(world.device)
-    mc = config.method
-    attention = LabelAttention(model.feature_dim, len(label_sets), len(findings),
-                               per_finding=mc.attention == "per_finding").to(world.device)
-    D.broadcast_parameters(model, world)
-    D.broadcast_parameters(attention, world)
-    optimizer = torch.optim.Adam(model.parameters(), lr=mc.lr)
-    attention_optimizer = torch.optim.SGD(attention.parameters(), lr=mc.attention_lr)
-    hp = AolHyper(meta_lr=mc.meta_lr, k=mc.k, threshold=mc.threshold, combine=mc.combine)
-
-    if mc.name == "aol":
-        def step(batch, average):
-            return aol_step(model, attention, optimizer, attention_optimizer, batch["image"], batch["labels"], hp, average)
-    else:
-        if mc.name == "single":
-            name = mc.single_label_set or label_sets[0]
-            if name not in label_sets:
-                raise ValueError(f"method.single_label_set {name!r} not in {label_sets}")
-            index = label_sets.index(name)
-            target = lambda y: baselines.single_target(y, index)  # noqa: E731
-        else:
-            target = {"majority": baselines.majority_target, "soft_average": baselines.soft_average_target}[mc.name]
-
-        def step(batch, average):
-            return baselines.plain_step(model, optimizer, batch["image"], target(batch["labels"]), average)
-
-    return Parts(model, attention, optimizer, attention_optimizer, label_sets, findings, step)
 
 
 def prepare_run_dir(config: Config, world: D.World) -> tuple[Path, Path]:
@@ -121,7 +62,8 @@ def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world
     for split in config.data.eval_splits:
         stream = EvalStream(split_shards(config.data.shards, manifest, split), world.rank, world.world_size,
                             config.train.eval_batch_size, label_index)
-        result = evaluate(parts.model, make_loader(stream, 0), parts.label_sets, parts.findings, world)
+        result = evaluate(parts.model, make_loader(stream, 0), parts.label_sets, parts.findings, world,
+                          predict=parts.predict)
         result["step"] = step
         results[split] = result
         if world.is_main:
@@ -143,7 +85,7 @@ def train(config: Config, world: D.World) -> Path:
     work, final = prepare_run_dir(config, world)
     console = make_console() if world.is_main else None
     log = Log(work / "log.jsonl", world.is_main)
-    trainable = [p for p in parts.model.parameters()] + [p for p in parts.attention.parameters()]
+    trainable = parts.trainable()
     buffers = list(parts.model.buffers())
     average = lambda: D.average_gradients(trainable, world, buffers)  # noqa: E731
 

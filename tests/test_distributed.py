@@ -13,7 +13,7 @@ from aol_dist.data.shards import read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, make_loader
 from aol_dist.evaluate import evaluate
 from aol_dist.loop import train
-from aol_dist.method.aol import AolHyper, aol_step, attended_labels, bce, meta_features
+from aol_dist.method.aol import AolHyper, aol_loss, aol_step
 from aol_dist.model.attention import LabelAttention
 from aol_dist.model.backbone import Classifier
 from helpers import FINDINGS, LABEL_SETS, run_gloo, write_fake_shards
@@ -60,9 +60,7 @@ def test_ranks_identical_and_equal_to_single_process_gradient_averaging(tmp_path
         for rank in range(2):
             m, a = copy.deepcopy(model), copy.deepcopy(attention)
             x, y = batch(rank, step)
-            logits = m(x)
-            y_tilde, _ = attended_labels(a, meta_features(m, x, logits, y, HP.meta_lr), y, HP)
-            loss = bce(logits, y_tilde)
+            loss, _ = aol_loss(m, a, x, y, HP)
             grads.append(torch.autograd.grad(loss, list(m.parameters()) + list(a.parameters())))
             buffers.append([b.clone() for b in m.buffers()])
         for p, g0, g1 in zip(list(model.parameters()) + list(attention.parameters()), *grads):

@@ -88,7 +88,7 @@ def test_a_crashed_run_leaves_no_directory_under_its_final_name(tmp_path, monkey
             raise RuntimeError("simulated crash")
         return {"loss": torch.tensor(0.5)}
 
-    monkeypatch.setattr(loop, "aol_step", dying_step)
+    monkeypatch.setattr("aol_dist.parts.aol_step", dying_step)
     config = config_from_dict({"data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
                                "model": {"arch": "resnet_tiny"},
                                "train": {"steps": 3, "out_dir": str(tmp_path / "runs"), "run_name": "x"}})

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aol_dist.method.aol import AolHyper, aol_step, attended_labels, bce, meta_features
+from aol_dist.method.aol import (AolHyper, aol_loss, aol_step, attended_labels, bce, meta_features_fast,
+                                 meta_features_reference)
 from aol_dist.method.baselines import majority_target, soft_average_target
 from aol_dist.model.attention import LabelAttention, binarize, combine_labels
 from aol_dist.model.backbone import Classifier
@@ -24,13 +25,20 @@ def float64():
 
 
 class TinyNet(nn.Module):
-    """x -> relu(bn(fc1 x)) = F -> head: small enough for finite differences, with batch norm."""
+    """x -> relu(bn(fc1 x)) = F -> head: small enough for finite differences, with batch norm.
+    Has the Classifier interface the meta step uses (trunk / from_trunk / last_stage_parameters)."""
 
     def __init__(self, d_in=3, d=4, n=2):
         super().__init__()
         self.fc1, self.bn, self.head = nn.Linear(d_in, d), nn.BatchNorm1d(d), nn.Linear(d, n)
 
-    def forward(self, x, features_only=False):
+    def trunk(self, x):
+        return x
+
+    def last_stage_parameters(self):
+        return ["bn.weight", "bn.bias", "head.weight", "head.bias"]
+
+    def forward(self, x, text=None, features_only=False, from_trunk=False):
         f = torch.relu(self.bn(self.fc1(x)))
         return f if features_only else self.head(f)
 
@@ -72,7 +80,8 @@ def test_meta_features_match_finite_difference_reference():
     labels = torch.randint(0, 2, (6, 3, 2)).double()
     alpha = 0.2
     logits = net(x)
-    got = meta_features(net, x, logits, labels, alpha)
+    got = meta_features_reference(net, x, x, logits, labels, alpha)
+    torch.testing.assert_close(meta_features_fast(net, x, x, logits, labels, alpha), got)
     assert got.shape == (6, 3, 4) and not got.requires_grad
 
     names = ["fc1.weight", "fc1.bias", "bn.weight", "bn.bias", "head.weight", "head.bias"]
@@ -98,17 +107,20 @@ def test_meta_features_match_finite_difference_reference():
         torch.testing.assert_close(got[:, m], expected, rtol=1e-6, atol=1e-7)
 
 
-def test_meta_forwards_leave_batchnorm_running_statistics_alone():
+@pytest.mark.parametrize("meta", [meta_features_reference, meta_features_fast])
+def test_meta_forwards_leave_batchnorm_running_statistics_alone(meta):
     torch.manual_seed(2)
     model = Classifier("resnet_tiny", 5)
     x = torch.rand(4, 1, 32, 32)
     labels = torch.randint(0, 2, (4, 3, 5)).double()
-    logits = model(x)  # the one real forward updates the statistics, as in plain training
+    trunk = model.trunk(x)
+    logits = model(trunk, from_trunk=True)  # the one real forward updates the statistics, as in plain training
     before = {k: v.clone() for k, v in model.named_buffers()}
-    feats = meta_features(model, x, logits, labels, 0.2)
-    assert feats.shape == (4, 3, model.feature_dim)
-    for k, v in model.named_buffers():
-        assert torch.equal(v, before[k]), k
+    for scope in ("full", "partial"):
+        feats = meta(model, x, trunk, logits, labels, 0.2, scope=scope)
+        assert feats.shape == (4, 3, model.feature_dim)
+        for k, v in model.named_buffers():
+            assert torch.equal(v, before[k]), (scope, k)
     # the meta forwards used batch statistics: different labels -> different updated weights -> different F_m
     assert not torch.allclose(feats[:, 0], feats[:, 1]) or torch.equal(labels[:, 0], labels[:, 1])
 
@@ -168,10 +180,7 @@ def test_aol_step_updates_follow_eq4_and_eq5():
     hp = AolHyper(meta_lr=0.2, k=5.0, threshold=0.5)
 
     ref_net, ref_att = copy.deepcopy(net), copy.deepcopy(att)
-    logits = ref_net(x)
-    feats = meta_features(ref_net, x, logits, labels, hp.meta_lr)
-    y_tilde, _ = attended_labels(ref_att, feats, labels, hp)
-    loss = bce(logits, y_tilde)
+    loss, _ = aol_loss(ref_net, ref_att, x, labels, hp)
     g_net = torch.autograd.grad(loss, list(ref_net.parameters()), retain_graph=True)
     g_att = torch.autograd.grad(loss, list(ref_att.parameters()))
 
@@ -191,3 +200,42 @@ def test_baseline_targets():
     torch.testing.assert_close(majority_target(y), torch.tensor([[1.0, 1.0]]))
     tie = torch.tensor([[[1.0], [0.0]]])
     torch.testing.assert_close(majority_target(tie), torch.tensor([[0.5]]))
+
+
+def test_cm_matrices_row_stochastic_near_identity():
+    from aol_dist.method.baselines import ConfusionMatrices
+
+    a = ConfusionMatrices(4, 14).matrices()
+    assert a.shape == (4, 14, 2, 2)
+    torch.testing.assert_close(a.sum(-1), torch.ones(4, 14, 2))
+    assert (a.diagonal(dim1=-2, dim2=-1) > 0.99).all()
+
+
+def test_cm_with_identity_and_no_trace_term_is_plain_bce():
+    from aol_dist.method.baselines import cm_loss
+
+    z = torch.randn(6, 5)
+    y = torch.randint(0, 2, (6, 2, 5)).double()
+    eye = torch.eye(2).expand(2, 5, 2, 2)
+    torch.testing.assert_close(cm_loss(z, y, eye, 0.0), bce(z, y[:, 0]) + bce(z, y[:, 1]))
+
+
+def test_cm_trace_term_gradient():
+    """d/d raw of lambda * mean trace(softmax rows): for a row r with entries a, the diagonal entry's
+    gradient is a_rr (delta - a_r.) / (M N) * lambda."""
+    from aol_dist.method.baselines import ConfusionMatrices, cm_loss
+
+    cm = ConfusionMatrices(2, 3)
+    with torch.no_grad():
+        cm.raw.add_(torch.randn_like(cm.raw))
+    z = torch.randn(4, 3)
+    y = torch.randint(0, 2, (4, 2, 3)).double()
+    lam = 0.7
+    g_with = torch.autograd.grad(cm_loss(z, y, cm.matrices(), lam), cm.raw)[0]
+    g_without = torch.autograd.grad(cm_loss(z, y, cm.matrices(), 0.0), cm.raw)[0]
+    a = cm.matrices().detach()
+    expected = torch.zeros_like(a)
+    for r in range(2):
+        onehot = torch.nn.functional.one_hot(torch.tensor(r), 2).double()
+        expected[..., r, :] = a[..., r, r, None] * (onehot - a[..., r, :]) / (2 * 3)
+    torch.testing.assert_close(g_with - g_without, lam * expected)

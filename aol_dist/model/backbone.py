@@ -1,85 +1,156 @@
-"""Classifier f_theta: backbone (ResNet conv1..res5c) -> global average pool -> feature F -> Linear (Sec. 3.1)."""
+"""Classifier f_theta: ResNet (conv1..res5c) -> global average pool -> F [++ text feature] -> Linear (Sec. 3.1, 3.3).
+
+The backbone is a stem and four stages, so the meta step can (a) checkpoint each stage and (b) in
+the partial meta scope start the meta forwards from the activation before the last stage.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
-
-
-class TinyResNet(nn.Module):
-    """A 4-stage ResNet with narrow stages (16..128 channels) for CPU demos and tests."""
-
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
-        super().__init__()
-        from torchvision.models.resnet import BasicBlock
-
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        stages, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            stride = 1 if i == 0 else 2
-            down = None if stride == 1 and cin == w else nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
-            stages.append(BasicBlock(cin, w, stride, down))
-            cin = w
-        self.stages = nn.Sequential(*stages)
-        self.out_dim = cin
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x))
-
-
-def _torchvision(name: str) -> tuple[nn.Module, int]:
-    import torchvision
-
-    net = getattr(torchvision.models, name)(weights=None)
-    dim = net.fc.in_features
-    body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
-    return body, dim
-
+from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("resnet_tiny", "resnet18", "resnet34", "resnet50")
 
 
+def _tiny() -> tuple[nn.Module, list[nn.Module], int]:
+    """A narrow 4-stage ResNet (16..128 channels) for CPU demos and tests."""
+    from torchvision.models.resnet import BasicBlock
+
+    widths = (16, 32, 64, 128)
+    stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+    stages, cin = [], widths[0]
+    for i, w in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        down = None if stride == 1 and cin == w else nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
+        stages.append(BasicBlock(cin, w, stride, down))
+        cin = w
+    return stem, stages, cin
+
+
+def _torchvision(name: str) -> tuple[nn.Module, list[nn.Module], int]:
+    import torchvision
+
+    net = getattr(torchvision.models, name)(weights=None)
+    stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    return stem, [net.layer1, net.layer2, net.layer3, net.layer4], net.fc.in_features
+
+
+@contextlib.contextmanager
+def batch_statistics_only(module: nn.Module) -> Iterator[None]:
+    """Batch norm in ``module`` uses batch statistics and leaves its running statistics untouched.
+
+    Used for the meta forwards (SPEC 3.3: they must not change the running statistics) and for the
+    recomputation inside gradient checkpointing (which would otherwise update them a second time).
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def _checkpoint_contexts(stage: nn.Module):
+    return contextlib.nullcontext(), batch_statistics_only(stage)
+
+
+class TextHead(nn.Module):
+    """The two fully connected layers of 512 on the frozen encoder's pooled report vector (Sec. 3.3); part of theta."""
+
+    def __init__(self, in_dim: int = 768, dim: int = 512) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim), nn.ReLU(inplace=True))
+        self.out_dim = dim
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.layers(text)
+
+
 class Classifier(nn.Module):
-    """Image -> (logits over N findings, pooled feature F).
+    """Image (and optionally the frozen encoder's report vector) -> logits over N findings.
 
     Grey-scale input in [0, 1] is repeated to three channels, so ImageNet weights apply unchanged.
+    ``checkpointing`` recomputes each stage in the backward pass (non-reentrant, so it works with
+    ``torch.autograd.grad``) instead of storing its activations.
     """
 
-    def __init__(self, arch: str, num_findings: int, pretrained: str = "") -> None:
+    def __init__(self, arch: str, num_findings: int, pretrained: str = "", text_dim: int = 0,
+                 checkpointing: bool = False) -> None:
         super().__init__()
         if arch == "resnet_tiny":
-            self.backbone, self.feature_dim = TinyResNet(), 128
+            stem, stages, image_dim = _tiny()
         elif arch in ARCHS:
-            self.backbone, self.feature_dim = _torchvision(arch)
+            stem, stages, image_dim = _torchvision(arch)
         else:
             raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+        self.stem, self.stages = stem, nn.ModuleList(stages)
         if pretrained:
-            load_backbone_weights(self.backbone, pretrained)
+            load_backbone_weights(self, pretrained)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.text = TextHead(text_dim) if text_dim else None
+        self.image_dim = image_dim
+        self.feature_dim = image_dim + (self.text.out_dim if self.text else 0)
         self.head = nn.Linear(self.feature_dim, num_findings)
+        self.checkpointing = checkpointing
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """F: the GAP output (B, D)."""
+    def _run(self, stage: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(stage, a, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, stage))
+        return stage(a)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Activation before the last stage (the partial meta scope starts its meta forwards here)."""
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return self.pool(self.backbone(x)).flatten(1)
+        a = self._run(self.stem, x)
+        for stage in self.stages[:-1]:
+            a = self._run(stage, a)
+        return a
 
-    def forward(self, x: torch.Tensor, features_only: bool = False) -> torch.Tensor:
-        f = self.features(x)
+    def top(self, a: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """F: GAP of the last stage, concatenated with the text feature in image+text mode."""
+        f = self.pool(self._run(self.stages[-1], a)).flatten(1)
+        if self.text is not None:
+            if text is None:
+                raise ValueError("this classifier has a text branch: pass the report vectors")
+            f = torch.cat([f, self.text(text)], dim=1)
+        return f
+
+    def features(self, x: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        return self.top(self.trunk(x), text)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None, features_only: bool = False,
+                from_trunk: bool = False) -> torch.Tensor:
+        """Logits (B, N), or F (B, D) with ``features_only``; ``from_trunk``: ``x`` is a trunk activation."""
+        f = self.top(x, text) if from_trunk else self.features(x, text)
         return f if features_only else self.head(f)
 
+    def last_stage_parameters(self) -> list[str]:
+        """Names of the parameters the partial meta scope updates: last stage, text layers and head."""
+        keep = ("stages.%d." % (len(self.stages) - 1), "text.", "head.")
+        return [n for n, _ in self.named_parameters() if n.startswith(keep)]
 
-def load_backbone_weights(body: nn.Sequential, path: str) -> None:
+
+def load_backbone_weights(model: Classifier, path: str) -> None:
     """Load a torchvision ResNet state dict (``conv1.weight``, ``layer1.0...``) from a local file."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    rename = {"conv1": "stem.0", "bn1": "stem.1", "layer1": "stages.0", "layer2": "stages.1",
+              "layer3": "stages.2", "layer4": "stages.3"}
     mapped = {}
     for k, v in state.items():
         head, _, rest = k.partition(".")
-        if head in names:
-            mapped[f"{names.index(head)}.{rest}"] = v
-    missing, unexpected = body.load_state_dict(mapped, strict=False)
+        if head in rename:
+            mapped[f"{rename[head]}.{rest}"] = v
+    own = {k for k in model.state_dict() if k.startswith(("stem.", "stages."))}
+    missing = sorted(own - set(mapped))
     if missing:
         raise ValueError(f"{path}: weights missing for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    model.load_state_dict(mapped, strict=False)

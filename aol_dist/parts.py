@@ -1,0 +1,127 @@
+"""Build what a training step needs from the config: classifier, label model, optimizers, the step.
+
+Every rank builds the same parts from the same seed, then rank 0's parameters are broadcast so the
+ranks start identical for certain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from aol_dist import dist as D
+from aol_dist.config import Config
+from aol_dist.method import baselines
+from aol_dist.method.aol import AolHyper, aol_step
+from aol_dist.model.attention import LabelAttention
+from aol_dist.model.backbone import Classifier
+from aol_dist.model.text import ReportEncoder
+
+Step = Callable[[dict[str, Any], Callable[[], None]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Parts:
+    """Everything a step needs, built identically on every rank."""
+
+    model: Classifier
+    attention: LabelAttention
+    optimizer: torch.optim.Optimizer
+    attention_optimizer: torch.optim.Optimizer
+    label_sets: list[str]
+    findings: list[str]
+    step: Step
+    cm: baselines.ConfusionMatrices | None = None
+    """Confusion matrices of the CM baseline (trained by ``optimizer`` with the model)."""
+    text_encoder: ReportEncoder | None = None
+    """Frozen report encoder in image+text mode (not trained, not checkpointed)."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The trained modules by name (what a checkpoint holds)."""
+        out: dict[str, nn.Module] = {"model": self.model, "attention": self.attention}
+        if self.cm is not None:
+            out["cm"] = self.cm
+        return out
+
+    def trainable(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are averaged across ranks every step."""
+        return [p for m in self.modules().values() for p in m.parameters()]
+
+    def text(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The frozen encoder's report vectors for the batch (image+text mode), else None."""
+        if self.text_encoder is None:
+            return None
+        if "tokens" not in batch:
+            raise ValueError("model.text_encoder is set but the shards hold no report tokens: "
+                             "convert with a tokenizer (--tokenizer) or train image-only")
+        return self.text_encoder(batch["tokens"], batch.get("key"))
+
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits for an evaluation batch."""
+        return self.model(batch["image"], self.text(batch))
+
+
+def resolve_label_sets(config: Config, manifest: dict[str, Any]) -> tuple[list[str], list[int]]:
+    available = list(manifest["label_sets"])
+    wanted = list(config.data.label_sets) or available
+    missing = [n for n in wanted if n not in available]
+    if missing:
+        raise ValueError(f"data.label_sets {missing} not in the shards' label sets {available}")
+    return wanted, [available.index(n) for n in wanted]
+
+
+def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Parts:
+    label_sets, _ = resolve_label_sets(config, manifest)
+    findings = list(manifest["findings"])
+    mc = config.method
+    torch.manual_seed(config.train.seed)  # identical init on every rank; the broadcast below makes it certain
+    encoder = ReportEncoder(config.model.text_encoder).to(world.device) if config.model.text_encoder else None
+    model = Classifier(config.model.arch, len(findings), config.model.pretrained,
+                       text_dim=encoder.out_dim if encoder else 0,
+                       checkpointing=config.model.checkpointing).to(world.device)
+    attention = LabelAttention(model.feature_dim, len(label_sets), len(findings),
+                               per_finding=mc.attention == "per_finding").to(world.device)
+    cm = baselines.ConfusionMatrices(len(label_sets), len(findings)).to(world.device) if mc.name == "cm" else None
+    for module in (model, attention, cm):
+        if module is not None:
+            D.broadcast_parameters(module, world)
+    optimizer = torch.optim.Adam(list(model.parameters()) + (list(cm.parameters()) if cm else []), lr=mc.lr)
+    attention_optimizer = torch.optim.SGD(attention.parameters(), lr=mc.attention_lr)
+    parts = Parts(model, attention, optimizer, attention_optimizer, label_sets, findings, step=None,  # type: ignore[arg-type]
+                  cm=cm, text_encoder=encoder)
+    parts.step = _make_step(parts, config)
+    return parts
+
+
+def _make_step(parts: Parts, config: Config) -> Step:
+    mc = config.method
+    model, labels_of = parts.model, (lambda batch: batch["labels"])
+    if mc.name == "aol":
+        hp = AolHyper(meta_lr=mc.meta_lr, k=mc.k, threshold=mc.threshold, combine=mc.combine,
+                      scope=mc.meta_scope, fast=mc.fast)
+
+        def step(batch, average):
+            return aol_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],
+                            labels_of(batch), hp, average, parts.text(batch))
+        return step
+    if mc.name == "cm":
+        def step(batch, average):
+            return baselines.cm_step(model, parts.cm, parts.optimizer, batch["image"], labels_of(batch),
+                                     mc.cm_lambda, average, parts.text(batch))
+        return step
+    if mc.name == "single":
+        name = mc.single_label_set or parts.label_sets[0]
+        if name not in parts.label_sets:
+            raise ValueError(f"method.single_label_set {name!r} not in {parts.label_sets}")
+        index = parts.label_sets.index(name)
+        target = lambda y: baselines.single_target(y, index)  # noqa: E731
+    else:
+        target = {"majority": baselines.majority_target, "soft_average": baselines.soft_average_target}[mc.name]
+
+    def step(batch, average):
+        return baselines.plain_step(model, parts.optimizer, batch["image"], target(labels_of(batch)), average,
+                                    parts.text(batch))
+    return step
