@@ -98,14 +98,14 @@ def meta_features_fast(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, l
     detached = [p.detach() for p in params]
     cotangents = (torch.sigmoid(logits.detach()).unsqueeze(1) - labels) / logits.numel()  # (B, M, N)
     features = []
-    with batch_statistics_only(model):
-        for m in range(labels.shape[1]):
-            grads = torch.autograd.grad(logits, params, cotangents[:, m], retain_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(detached, grads)]
-            theta_m = torch._foreach_add(detached, grads, alpha=-meta_lr)
-            with torch.no_grad():
-                features.append(functional_call(model, dict(zip(names, theta_m)), (inputs,),
-                                                {"text": text, "features_only": True, "from_trunk": from_trunk}))
+    for m in range(labels.shape[1]):
+        # outside batch_statistics_only: a checkpointed stage recomputes its forward in here
+        grads = torch.autograd.grad(logits, params, cotangents[:, m], retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(detached, grads)]
+        theta_m = torch._foreach_add(detached, grads, alpha=-meta_lr)
+        with torch.no_grad(), batch_statistics_only(model):
+            features.append(functional_call(model, dict(zip(names, theta_m)), (inputs,),
+                                            {"text": text, "features_only": True, "from_trunk": from_trunk}))
     return torch.stack(features, dim=1)
 
 

@@ -45,8 +45,7 @@ def _torchvision(name: str) -> tuple[nn.Module, list[nn.Module], int]:
 def batch_statistics_only(module: nn.Module) -> Iterator[None]:
     """Batch norm in ``module`` uses batch statistics and leaves its running statistics untouched.
 
-    Used for the meta forwards (SPEC 3.3: they must not change the running statistics) and for the
-    recomputation inside gradient checkpointing (which would otherwise update them a second time).
+    Used for the meta forwards (SPEC 3.3: they must not change the running statistics).
     """
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     for m in norms:
@@ -58,8 +57,27 @@ def batch_statistics_only(module: nn.Module) -> Iterator[None]:
             m.track_running_stats = True
 
 
+class _RestoredBuffers:
+    """Undo whatever a block of code does to ``module``'s buffers; re-enterable, because one
+    checkpointed forward is recomputed by every backward pass through it (M + 1 per meta step)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.saved = module, []
+
+    def __enter__(self) -> None:
+        self.saved = [(b, b.clone()) for b in self.module.buffers()]
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for b, copy in self.saved:
+                b.copy_(copy)
+        self.saved = []
+
+
 def _checkpoint_contexts(stage: nn.Module):
-    return contextlib.nullcontext(), batch_statistics_only(stage)
+    # The recomputation must run the very same operations as the forward (checkpoint checks the
+    # saved tensors), so batch norm tracks statistics there too, and the second update is undone.
+    return contextlib.nullcontext(), _RestoredBuffers(stage)
 
 
 class TextHead(nn.Module):

@@ -1,0 +1,91 @@
+"""The fast meta step and gradient checkpointing against the reference: same parameters after 3 steps."""
+
+import copy
+
+import pytest
+import torch
+
+from aol_dist.method.aol import AolHyper, aol_step
+from aol_dist.model.attention import LabelAttention
+from aol_dist.model.backbone import Classifier
+from aol_dist.model.text import ReportEncoder
+
+B, M, N, L = 6, 3, 5, 12
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=L)).save_pretrained(path)
+    return path
+
+
+def run_steps(hp, text_encoder=None, per_finding=False, checkpointing=False, steps=3):
+    torch.manual_seed(0)
+    dim = text_encoder.out_dim if text_encoder else 0
+    model = Classifier("resnet_tiny", N, text_dim=dim, checkpointing=checkpointing).double()
+    attention = LabelAttention(model.feature_dim, M, N, per_finding).double()
+    torch.nn.init.normal_(attention.attn_fc.weight, std=0.05)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    att_opt = torch.optim.SGD(attention.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.rand(B, 1, 24, 24, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 2, (B, M, N), generator=g).double()
+        tokens = torch.randint(1, 40, (B, L), generator=g)
+        text = text_encoder(tokens).double() if text_encoder else None
+        losses.append(aol_step(model, attention, opt, att_opt, x, y, hp, text=text)["loss"])
+    return model, attention, torch.stack(losses)
+
+
+def assert_same(a, b, rtol=1e-8):
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb
+        torch.testing.assert_close(pa, pb, rtol=rtol, atol=1e-10, msg=na)
+
+
+@pytest.mark.parametrize("scope", ["full", "partial"])
+@pytest.mark.parametrize("combine,threshold", [("text", 0.5), ("listing", 0.1)])
+@pytest.mark.parametrize("per_finding", [False, True])
+@pytest.mark.parametrize("with_text", [False, True])
+def test_fast_step_equals_reference(scope, combine, threshold, per_finding, with_text, tiny_bert):
+    encoder = ReportEncoder(tiny_bert, cache=False) if with_text else None
+    common = dict(meta_lr=0.2, k=5.0, threshold=threshold, combine=combine, scope=scope)
+    ref = run_steps(AolHyper(fast=False, **common), encoder, per_finding)
+    fast = run_steps(AolHyper(fast=True, **common), encoder, per_finding)
+    assert_same(ref[0], fast[0])
+    assert_same(ref[1], fast[1])
+    torch.testing.assert_close(ref[2], fast[2])
+
+
+def test_partial_scope_differs_from_full():
+    full = run_steps(AolHyper(k=5.0, scope="full"))
+    partial = run_steps(AolHyper(k=5.0, scope="partial"))
+    assert not torch.allclose(full[1].attn_fc.weight, partial[1].attn_fc.weight)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_gradient_checkpointing_changes_nothing(fast):
+    hp = AolHyper(k=5.0, fast=fast)
+    plain = run_steps(hp)
+    checkpointed = run_steps(hp, checkpointing=True)
+    assert_same(plain[0], checkpointed[0])  # parameters and batch-norm running statistics
+    assert_same(plain[1], checkpointed[1])
+
+
+def test_report_encoder_is_frozen_and_cached(tiny_bert):
+    enc = ReportEncoder(tiny_bert)
+    enc.train()
+    assert not enc.encoder.training and not any(p.requires_grad for p in enc.parameters())
+    tokens = torch.randint(1, 40, (3, L))
+    first = enc(tokens, ["a", "b", "c"])
+    assert set(enc.cache) == {"a", "b", "c"}
+    torch.testing.assert_close(enc(tokens, ["a", "b", "c"]), first)
+    torch.testing.assert_close(first, enc.encode(tokens), atol=1e-2, rtol=1e-2)  # cache holds float16
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        ReportEncoder("/nonexistent/biobert")
