@@ -137,7 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--out", help="directory for auc_<split>.json/.csv")
     ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side").add_subparsers(
+        dest="bench_command", required=True)
+    _add_bench_step(bench)
     return parser
+
+
+def _add_bench_step(bench: argparse._SubParsersAction) -> None:
+    from aol_dist import bench_step
+
+    step = bench.add_parser("step", help="seconds per step: plain, reference, fast, partial scope; ratios to plain")
+    bench_step.add_arguments(step)
+    step.set_defaults(func=bench_step.main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,8 +101,10 @@ def meta_features_fast(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, l
     for m in range(labels.shape[1]):
         # outside batch_statistics_only: a checkpointed stage recomputes its forward in here
         grads = torch.autograd.grad(logits, params, cotangents[:, m], retain_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(detached, grads)]
-        theta_m = torch._foreach_add(detached, grads, alpha=-meta_lr)
+        theta_m = [torch.zeros_like(p) if g is None else g for p, g in zip(detached, grads)]
+        # theta - alpha g, written into the fresh gradient buffers: no second parameter-sized allocation
+        torch._foreach_mul_(theta_m, -meta_lr)
+        torch._foreach_add_(theta_m, detached)
         with torch.no_grad(), batch_statistics_only(model):
             features.append(functional_call(model, dict(zip(names, theta_m)), (inputs,),
                                             {"text": text, "features_only": True, "from_trunk": from_trunk}))
@@ -130,7 +132,7 @@ def aol_loss(model: nn.Module, attention: LabelAttention, x: torch.Tensor, label
 
 def aol_step(model: nn.Module, attention: LabelAttention, optimizer: torch.optim.Optimizer,
              attention_optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor, hp: AolHyper,
-             average_gradients: Callable[[], None] = lambda: None,
+             average_gradients: Callable[[], bool | None] = lambda: None,
              text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One iteration of Algorithm 1 on a local batch; returns the loss and the attention weights.
 
@@ -141,7 +143,7 @@ def aol_step(model: nn.Module, attention: LabelAttention, optimizer: torch.optim
     optimizer.zero_grad(set_to_none=True)
     attention_optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients()
-    optimizer.step()
-    attention_optimizer.step()
+    if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
+        optimizer.step()
+        attention_optimizer.step()
     return {"loss": loss.detach(), "weights": weights.detach()}
