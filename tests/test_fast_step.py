@@ -89,3 +89,24 @@ def test_report_encoder_is_frozen_and_cached(tiny_bert):
     torch.testing.assert_close(first, enc.encode(tokens), atol=1e-2, rtol=1e-2)  # cache holds float16
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         ReportEncoder("/nonexistent/biobert")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "timm/resnet18d"])
+def test_other_backbones_by_name_run_the_fast_step(arch):
+    torch.manual_seed(0)
+    model = Classifier(arch, N, checkpointing=True)
+    attention = LabelAttention(model.feature_dim, M, N)
+    out = aol_step(model, attention, torch.optim.Adam(model.parameters()), torch.optim.SGD(attention.parameters(), 0.1),
+                   torch.rand(4, 1, 32, 32), torch.randint(0, 2, (4, M, N)).float(), AolHyper())
+    assert torch.isfinite(out["loss"]) and out["weights"].shape == (4, M, 1)
+
+
+def test_pretrained_weights_load_from_a_local_torchvision_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    model = Classifier("resnet18", N, pretrained=str(tmp_path / "r18.pth"))
+    torch.testing.assert_close(model.stem[0].weight, state["conv1.weight"])
+    torch.testing.assert_close(model.stages[3][1].bn2.running_var, state["layer4.1.bn2.running_var"])

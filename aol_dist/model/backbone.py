@@ -16,6 +16,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("resnet_tiny", "resnet18", "resnet34", "resnet50")
+TIMM_PREFIX = "timm/"
+"""``timm/<name>``: any timm ResNet-family model (stem conv1/bn1/act1/maxpool, stages layer1..layer4)."""
+
+
+def known_arch(arch: str) -> bool:
+    return arch in ARCHS or (arch.startswith(TIMM_PREFIX) and len(arch) > len(TIMM_PREFIX))
 
 
 def _tiny() -> tuple[nn.Module, list[nn.Module], int]:
@@ -31,6 +37,17 @@ def _tiny() -> tuple[nn.Module, list[nn.Module], int]:
         stages.append(BasicBlock(cin, w, stride, down))
         cin = w
     return stem, stages, cin
+
+
+def _timm(name: str) -> tuple[nn.Module, list[nn.Module], int]:
+    import timm
+
+    net = timm.create_model(name, pretrained=False)  # weights only ever come from model.pretrained
+    needed = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    if not all(hasattr(net, a) for a in needed):
+        raise ValueError(f"timm model {name!r} is not ResNet-shaped (needs {', '.join(needed)})")
+    stem = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
+    return stem, [net.layer1, net.layer2, net.layer3, net.layer4], net.num_features
 
 
 def _torchvision(name: str) -> tuple[nn.Module, list[nn.Module], int]:
@@ -105,6 +122,8 @@ class Classifier(nn.Module):
         super().__init__()
         if arch == "resnet_tiny":
             stem, stages, image_dim = _tiny()
+        elif arch.startswith(TIMM_PREFIX):
+            stem, stages, image_dim = _timm(arch[len(TIMM_PREFIX):])
         elif arch in ARCHS:
             stem, stages, image_dim = _torchvision(arch)
         else:

@@ -1,0 +1,39 @@
+"""Image + report text (Sec. 3.3) through the whole trainer, for attention-on-label and a baseline."""
+
+import json
+
+import pytest
+import torch
+
+from aol_dist.config import config_from_dict
+from aol_dist.dist import World
+from aol_dist.loop import train
+from helpers import write_fake_shards
+from test_fast_step import tiny_bert  # noqa: F401 - fixture
+
+
+@pytest.mark.parametrize("method", ["aol", "cm"])
+def test_image_text_training_runs_and_evaluates(tmp_path, tiny_bert, method):  # noqa: F811
+    write_fake_shards(tmp_path / "shards", {"train": [8, 8], "test": [6]}, tokens=12)
+    config = config_from_dict({
+        "data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
+        "model": {"arch": "resnet_tiny", "text_encoder": str(tiny_bert)},
+        "method": {"name": method, "lr": 1e-3},
+        "train": {"steps": 3, "log_every": 1, "out_dir": str(tmp_path / "runs"), "run_name": "t"},
+    })
+    run = train(config, World())
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert any(k.startswith("text.layers") for k in state["model"])  # the two FC layers are part of theta
+    assert state["model"]["text.layers.0.weight"].shape == (512, 16)
+    assert json.loads((run / "auc_test.json").read_text())["samples"] == 6
+
+
+def test_text_encoder_without_tokens_in_shards_is_a_clear_error(tmp_path, tiny_bert):  # noqa: F811
+    write_fake_shards(tmp_path / "shards", {"train": [8], "test": [4]})
+    config = config_from_dict({
+        "data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
+        "model": {"arch": "resnet_tiny", "text_encoder": str(tiny_bert)},
+        "train": {"steps": 1, "out_dir": str(tmp_path / "runs"), "run_name": "t"},
+    })
+    with pytest.raises(ValueError, match="shards hold no report tokens"):
+        train(config, World())
