@@ -1,4 +1,4 @@
-"""The ``aol`` command: ``aol shards synth|verify|inspect``, ``aol eval``."""
+"""The ``aol`` command: ``aol shards synth|mimic|openi|generic|verify|inspect``, ``aol eval``, ``aol bench ...``."""
 
 from __future__ import annotations
 
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard writers")
     synth.set_defaults(func=_shards_synth)
 
+    from aol_dist.data.convert.commands import add_converters
+
+    add_converters(shards)  # mimic, openi, generic
+
     verify = shards.add_parser("verify", help="re-read every shard against the manifest")
     verify.add_argument("dir")
     verify.set_defaults(func=_shards_verify)
@@ -141,7 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side").add_subparsers(
         dest="bench_command", required=True)
     _add_bench_step(bench)
+    _add_bench_loader(bench)
     return parser
+
+
+def _add_bench_loader(bench: argparse._SubParsersAction) -> None:
+    from aol_dist import bench_loader
+
+    loader = bench.add_parser("loader", help="images/s per CPU core from shards through decode and collate")
+    bench_loader.add_arguments(loader)
+    loader.set_defaults(func=bench_loader.main)
 
 
 def _add_bench_step(bench: argparse._SubParsersAction) -> None:
