@@ -13,7 +13,7 @@ def _shards_synth(args: argparse.Namespace) -> int:
     from aol_dist.data.build import build_synth
 
     manifest = build_synth(args.out, args.train, args.validate, args.test, args.image_size, args.seed,
-                           args.samples_per_shard, args.workers)
+                           args.samples_per_shard, args.workers, args.tokenizer, args.max_length)
     counts = {s: v["samples"] for s, v in manifest["splits"].items()}
     print(f"{args.out}: synthetic shards {counts} (reused {manifest['reused_shards']} finished shards)")
     return 0
@@ -75,12 +75,14 @@ def _eval(args: argparse.Namespace) -> int:
     from aol_dist.data.shards import read_manifest, split_shards
     from aol_dist.data.stream import EvalStream, make_loader
     from aol_dist.evaluate import auc_table, evaluate, write_results
+    from aol_dist.data.convert.tokenize import check_tokenizer
     from aol_dist.parts import build_parts
 
     run = Path(args.run)
     config = load_config(run / "config.toml")
     shard_dir = args.shards or config.data.shards
     manifest = read_manifest(shard_dir)
+    check_tokenizer(manifest, config.model.text_encoder, where=str(shard_dir))
     world = dist.init_world() if "WORLD_SIZE" in os.environ else dist.World()
     checkpoint = torch.load(run / "model.pt", map_location=world.device, weights_only=True)
     if list(manifest["findings"]) != checkpoint["findings"]:
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--samples-per-shard", type=int, default=250)
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel shard writers")
+    synth.add_argument("--tokenizer", default="", help="local Hugging Face tokenizer directory: store report token ids")
+    synth.add_argument("--max-length", type=int, default=128, help="tokens per report (padded / truncated)")
     synth.set_defaults(func=_shards_synth)
 
     from aol_dist.data.convert.commands import add_converters

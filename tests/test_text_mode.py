@@ -37,3 +37,21 @@ def test_text_encoder_without_tokens_in_shards_is_a_clear_error(tmp_path, tiny_b
     })
     with pytest.raises(ValueError, match="shards hold no report tokens"):
         train(config, World())
+
+
+def test_synth_shards_with_report_tokens_train_image_text(tmp_path, tiny_bert):  # noqa: F811
+    from aol_dist.data.build import build_synth
+    from aol_dist.data.shards import read_manifest, verify
+
+    manifest = build_synth(tmp_path / "shards", 16, 0, 8, image_size=32, samples_per_shard=8, tokenizer=str(tiny_bert),
+                           max_length=24)
+    assert manifest["tokenizer"]["max_length"] == 24 and verify(tmp_path / "shards")["train"] == 16
+    config = config_from_dict({
+        "data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
+        "model": {"arch": "resnet_tiny", "text_encoder": str(tiny_bert)},
+        "method": {"lr": 1e-3},
+        "train": {"steps": 2, "out_dir": str(tmp_path / "runs"), "run_name": "t"},
+    })
+    run = train(config, World())
+    assert json.loads((run / "auc_test.json").read_text())["samples"] == 8
+    assert read_manifest(tmp_path / "shards")["tokenizer"]["vocab_sha256"]
