@@ -50,7 +50,7 @@ def _shards_inspect(args: argparse.Namespace) -> int:
         if "prevalence" not in s:
             continue
         cols = list(s["prevalence"])
-        table = Table(title=f"{split}: prevalence per label set" + (" (and accuracy vs truth)" if "accuracy_vs_truth" in s else ""))
+        table = Table(title=f"{split}: prevalence per label set" + (" (and accuracy vs truth)" if s.get("accuracy_vs_truth") else ""))
         table.add_column("finding")
         for c in cols:
             table.add_column(c, justify="right")
@@ -63,7 +63,8 @@ def _shards_inspect(args: argparse.Namespace) -> int:
                 cells.append(cell)
             table.add_row(f, *cells)
         console.print(table)
-        console.print("agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in s["agreement"].items()))
+        if s["agreement"]:
+            console.print("agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in s["agreement"].items()))
     return 0
 
 

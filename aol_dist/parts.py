@@ -66,6 +66,9 @@ class Parts:
 
 def resolve_label_sets(config: Config, manifest: dict[str, Any]) -> tuple[list[str], list[int]]:
     available = list(manifest["label_sets"])
+    if not available:
+        raise ValueError(f"{config.data.shards}: the shards hold no noisy label sets (an evaluation-only set such "
+                         f"as OpenI): use them in data.eval_splits or `aol eval`, and train on shards with label sets")
     wanted = list(config.data.label_sets) or available
     missing = [n for n in wanted if n not in available]
     if missing:
