@@ -1,4 +1,5 @@
-"""The ``aol`` command: ``aol shards synth|mimic|openi|generic|verify|inspect``, ``aol eval``, ``aol bench ...``."""
+"""The ``aol`` command: ``aol shards synth|mimic|openi|generic|verify|inspect``, ``aol eval``, ``aol compare``,
+``aol bench step|loader``."""
 
 from __future__ import annotations
 
@@ -107,6 +108,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from aol_dist.report import compare_runs, compare_table, make_console
+
+    comparison = compare_runs(args.runs, args.split, args.target)
+    if args.json:
+        print(json.dumps(comparison))
+    else:
+        make_console().print(compare_table(comparison))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aol", description="attention-on-label training tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--out", help="directory for auc_<split>.json/.csv")
     ev.set_defaults(func=_eval)
+
+    cmp = sub.add_parser("compare", help="AUROC per finding of several runs side by side (e.g. aol vs baselines)")
+    cmp.add_argument("runs", nargs="+", help="finished run directories")
+    cmp.add_argument("--split", default="test")
+    cmp.add_argument("--target", default="truth", help="truth or a label-set name")
+    cmp.add_argument("--json", action="store_true", help="print one JSON object")
+    cmp.set_defaults(func=_compare)
 
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side").add_subparsers(
         dest="bench_command", required=True)

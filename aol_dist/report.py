@@ -23,3 +23,43 @@ def attention_table(record: dict[str, Any]):
     for name, w in sorted(record["mean"].items(), key=lambda kv: -kv[1]):
         table.add_row(name, f"{w:.3f}")
     return table
+
+
+def compare_runs(runs: list[Any], split: str, target: str = "truth") -> dict[str, Any]:
+    """AUROC per finding of several finished runs against one target, side by side (Tables 3-7)."""
+    import json
+    from pathlib import Path
+
+    columns, findings = {}, None
+    for run in runs:
+        path = Path(run) / f"auc_{split}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no results for split {split!r} in this run")
+        result = json.loads(path.read_text())
+        if target not in result["auc"]:
+            raise KeyError(f"{path}: no AUROC against {target!r}; has {sorted(result['auc'])}")
+        if findings is not None and result["findings"] != findings:
+            raise ValueError(f"{path}: findings differ from the first run's")
+        findings = result["findings"]
+        columns[Path(run).name] = {"auc": result["auc"][target], "mean": result["mean_auc"][target]}
+    return {"split": split, "target": target, "findings": findings, "runs": columns}
+
+
+def compare_table(comparison: dict[str, Any]):
+    import math
+
+    from rich.table import Table
+
+    runs = comparison["runs"]
+    table = Table(title=f"AUROC vs {comparison['target']} on {comparison['split']}")
+    table.add_column("finding")
+    for name in runs:
+        table.add_column(name, justify="right")
+    fmt = lambda v: "n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
+    for i, f in enumerate(comparison["findings"]):
+        row = [runs[r]["auc"][i] for r in runs]
+        best = max((v for v in row if not math.isnan(v)), default=math.nan)
+        table.add_row(f, *(f"[bold]{fmt(v)}[/]" if v == best else fmt(v) for v in row))
+    table.add_section()
+    table.add_row("Mean", *(fmt(runs[r]["mean"]) for r in runs), style="bold")
+    return table

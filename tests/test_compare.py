@@ -1,0 +1,38 @@
+"""`aol compare`: several runs' AUROC per finding side by side."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from aol_dist.report import compare_runs
+
+
+def fake_run(path, aucs, findings=("A", "B")):
+    path.mkdir()
+    auc = {"truth": aucs, "s0": [0.5, 0.5]}
+    (path / "auc_test.json").write_text(json.dumps({"findings": list(findings), "samples": 10, "auc": auc,
+                                                     "mean_auc": {k: sum(v) / 2 for k, v in auc.items()}}))
+    return path
+
+
+def test_compare_lines_up_runs(tmp_path):
+    a = fake_run(tmp_path / "aol", [0.9, 0.7])
+    b = fake_run(tmp_path / "single", [0.8, math.nan])
+    c = compare_runs([a, b], "test")
+    assert c["runs"]["aol"]["auc"] == [0.9, 0.7] and math.isnan(c["runs"]["single"]["auc"][1])
+    assert c["runs"]["aol"]["mean"] == pytest.approx(0.8)
+    proc = subprocess.run([sys.executable, "-m", "aol_dist.cli", "compare", str(a), str(b)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "aol" in proc.stdout and "n/a" in proc.stdout
+
+
+def test_compare_names_the_run_that_lacks_results(tmp_path):
+    a = fake_run(tmp_path / "aol", [0.9, 0.7])
+    with pytest.raises(FileNotFoundError, match="auc_validate.json"):
+        compare_runs([a], "validate")
+    b = fake_run(tmp_path / "other", [0.9, 0.7], findings=("A", "C"))
+    with pytest.raises(ValueError, match="findings differ"):
+        compare_runs([a, b], "test")
