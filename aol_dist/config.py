@@ -41,7 +41,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet50"
-    """Backbone: resnet_tiny (CPU demo), resnet18, resnet34, resnet50 (the paper's)."""
+    """Backbone: resnet_tiny (CPU demo), resnet18, resnet34, resnet50 (the paper's), or timm/<ResNet-family name>."""
     pretrained: str = ""
     """Local path of ImageNet weights (a torchvision state dict); empty = random init. Never downloaded."""
     checkpointing: bool = False
@@ -51,9 +51,9 @@ class ModelConfig:
     whose pooled report vector feeds two FC-512 layers concatenated with the image feature; empty = image only."""
 
     def validate(self) -> None:
-        from aol_dist.model.backbone import ARCHS
+        from aol_dist.model.backbone import ARCHS, known_arch
 
-        _require(self.arch in ARCHS, f"model.arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        _require(known_arch(self.arch), f"model.arch must be one of {sorted(ARCHS)} or timm/<name>, got {self.arch!r}")
         _require(not self.pretrained or Path(self.pretrained).is_file(), f"model.pretrained: no file {self.pretrained!r}")
         _require(not self.text_encoder or Path(self.text_encoder).is_dir(),
                  f"model.text_encoder: no directory {self.text_encoder!r}")
@@ -112,12 +112,48 @@ class TrainConfig:
     out_dir: str = "runs"
     """Parent of run directories."""
     run_name: str = ""
-    """Run directory name; empty = ``<method>-<UTC time>``."""
+    """Run directory name; empty = ``<method>-<UTC time>``. Set it for ``resume`` (SLURM: the job id)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints in ``<run>.incomplete/checkpoints/``; one is also written at the end. 0 = end only."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept (the newest); older ones are deleted once a newer one is complete."""
+    resume: str = ""
+    """"" = start a new run; "latest" = continue the run ``run_name`` from its newest checkpoint (error if none);
+    "auto" = that if a checkpoint exists, else start (what a requeued SLURM job wants); or a checkpoint
+    directory (or a run directory: its newest checkpoint), checked when the run starts."""
+    nan_policy: str = "stop"
+    """A NaN/inf loss or gradient on any rank: "stop" names the step, rank and sample ids and exits non-zero;
+    "skip" drops that step's update on every rank (counted in the log) and goes on."""
+    max_skipped_steps: int = 10
+    """With nan_policy = "skip": stop after this many consecutive skipped steps (the run has diverged)."""
+    collective_timeout_s: float = 600.0
+    """A collective that waits longer than this (a peer rank hung or died) ends the job with an error."""
+    tensorboard: bool = False
+    """Also write the logged scalars to ``<run>/tensorboard`` (needs the ``tensorboard`` package)."""
+    plots: bool = True
+    """Write PNG plots at the end: training curves, attention per label set over time, ROC per finding."""
+    debug_fault: str = ""
+    """Testing only: inject a fault, ``KIND:RANK:STEP`` with KIND nan (the rank's batch becomes NaN), exit
+    (the rank exits mid-step), hang (the rank stops mid-step) or kill (the rank SIGKILLs itself mid-step)."""
 
     def validate(self) -> None:
         _require(self.steps >= 1, "train.steps must be >= 1")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.eval_every >= 0, "train.eval_every must be >= 0")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _require(self.resume not in ("latest", "auto") or bool(self.run_name),
+                 f"train.resume = {self.resume!r} needs train.run_name (the run to continue)")
+        _require(self.nan_policy in ("skip", "stop"), f"train.nan_policy must be skip or stop, got {self.nan_policy!r}")
+        _require(self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+        _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")
+        if self.debug_fault:
+            from aol_dist.faults import parse_fault
+
+            try:
+                parse_fault(self.debug_fault)
+            except ValueError as e:
+                raise ConfigError(f"train.debug_fault: {e}") from None
 
 
 @dataclass(frozen=True)

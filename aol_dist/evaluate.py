@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torchmetrics.classification import MultilabelAUROC
+from torchmetrics.classification import MultilabelAUROC, MultilabelROC
 
 from aol_dist.data.stream import to_device
 from aol_dist.dist import World, all_reduce_sum
@@ -24,15 +24,20 @@ from aol_dist.dist import World, all_reduce_sum
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings: Sequence[str],
-             world: World, predict: Callable[[dict[str, Any]], torch.Tensor] | None = None) -> dict[str, Any]:
+             world: World, predict: Callable[[dict[str, Any]], torch.Tensor] | None = None,
+             roc_thresholds: int = 0) -> dict[str, Any]:
     """AUROC per finding of ``model``'s predictions against ``truth`` (when the split has it) and
     against each noisy label set. A finding whose targets hold one class only gets NaN.
-    ``predict(batch)`` gives the logits (default: ``model(batch["image"])``; image+text passes its own)."""
+    ``predict(batch)`` gives the logits (default: ``model(batch["image"])``; image+text passes its own).
+    ``roc_thresholds > 0`` adds ``"roc"``: per target, false and true positive rates per finding at that
+    many evenly spaced thresholds (binned counts, summed across ranks: fixed size at any split size)."""
     was_training = model.training
     model.eval()
     n = len(findings)
     targets = ["truth", *label_sets]
     metrics = {t: MultilabelAUROC(num_labels=n, average=None, thresholds=None).to(world.device) for t in targets}
+    rocs = {t: MultilabelROC(num_labels=n, thresholds=roc_thresholds).to(world.device)
+            for t in targets} if roc_thresholds else {}
     positives = torch.zeros(len(targets), n, dtype=torch.float64, device=world.device)
     samples = torch.zeros(2, dtype=torch.float64, device=world.device)  # [all, with truth]
     for raw in loader:
@@ -42,9 +47,13 @@ def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings:
         if "truth" in batch:
             samples[1] += probs.shape[0]
             metrics["truth"].update(probs, batch["truth"].long())
+            if rocs:
+                rocs["truth"].update(probs, batch["truth"].long())
             positives[0] += batch["truth"].sum(0).double()
         for i, name in enumerate(label_sets):
             metrics[name].update(probs, batch["labels"][:, i].long())
+            if rocs:
+                rocs[name].update(probs, batch["labels"][:, i].long())
             positives[i + 1] += batch["labels"][:, i].sum(0).double()
     all_reduce_sum(samples, world)
     all_reduce_sum(positives, world)
@@ -60,8 +69,14 @@ def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings:
         defined = (pos > 0) & (pos < total)
         auc[name] = [float(v) if ok else math.nan for v, ok in zip(values.tolist(), defined.tolist())]
     model.train(was_training)
-    return {"samples": total, "findings": list(findings), "auc": auc,
-            "mean_auc": {k: _nanmean(v) for k, v in auc.items()}}
+    result = {"samples": total, "findings": list(findings), "auc": auc,
+              "mean_auc": {k: _nanmean(v) for k, v in auc.items()}}
+    if rocs:
+        result["roc"] = {}
+        for name in auc:  # the same targets as the AUCs; compute() is collective, every rank calls it
+            fpr, tpr, _ = rocs[name].compute()
+            result["roc"][name] = {"fpr": fpr.double().cpu().tolist(), "tpr": tpr.double().cpu().tolist()}
+    return result
 
 
 def _nanmean(values: Sequence[float]) -> float:

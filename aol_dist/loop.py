@@ -1,4 +1,4 @@
-"""The training loop: build from config, run the steps, log, evaluate, write the run directory.
+"""The training loop: build from config, run the steps, log, checkpoint, evaluate, write the run directory.
 
 The run directory is written as ``<out_dir>/<name>.incomplete`` and renamed to ``<out_dir>/<name>``
 only when the run has finished, so a directory under its final name is always a whole run.
@@ -7,52 +7,95 @@ only when the run has finished, so a directory under its final name is always a 
 from __future__ import annotations
 
 import json
-import math
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from aol_dist import checkpoint
 from aol_dist import dist as D
-from aol_dist.config import Config, git_revision, to_toml
+from aol_dist.config import Config
 from aol_dist.data.shards import atomic_write_text, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
 from aol_dist.evaluate import auc_table, evaluate, write_results
+from aol_dist.faults import StepGuard
 from aol_dist.parts import Parts, build_parts, resolve_label_sets
 from aol_dist.report import attention_table, make_console
+from aol_dist.zero import maybe_deepspeed
 
-
-def prepare_run_dir(config: Config, world: D.World) -> tuple[Path, Path]:
-    """(working dir ``<name>.incomplete``, final dir), the same on every rank."""
-    name = config.train.run_name or f"{config.method.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    name = D.broadcast_object(name, world)
-    final = Path(config.train.out_dir) / name
-    work = final.with_name(name + ".incomplete")
-    if world.is_main:
-        if final.exists():
-            raise FileExistsError(f"run directory {final} exists; choose another train.run_name")
-        work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work / "config.toml", to_toml(config, git_revision()))
-    D.barrier(world)
-    return work, final
+ROC_THRESHOLDS = 200
 
 
 class Log:
-    """JSONL of every logged step (rank 0 writes; the values are already averaged over ranks)."""
+    """JSONL of every logged step (rank 0 writes; the values are already averaged over ranks), and the
+    same scalars to TensorBoard with ``train.tensorboard``."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.file = open(path, "a") if enabled else None
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, resumed_at: int = 0,
+                 console: Any = None) -> None:
+        self.file = open(run_dir / "log.jsonl", "a") if enabled else None
+        self.tensorboard = _tensorboard_writer(run_dir, resumed_at, console) if enabled and tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.tensorboard:
+            for key, value in record.items():
+                if isinstance(value, dict):
+                    for name, v in value.items():
+                        self.tensorboard.add_scalar(f"{key}/{name}", v, record["step"])
+                elif isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def _tensorboard_writer(run_dir: Path, resumed_at: int, console: Any):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if console is not None:
+            console.print("[yellow]train.tensorboard = true, but the tensorboard package is not installed "
+                          "(pip install tensorboard): logging to log.jsonl only[/]")
+        return None
+    # purge_step drops events a killed run wrote after the checkpoint this run resumes from
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
+
+
+class LoopState:
+    """The loop's counters and running sums on one rank: with the RNG states, what a checkpoint needs so
+    that a resumed run logs the same numbers as an uninterrupted one."""
+
+    def __init__(self, num_sets: int, num_findings: int, device: torch.device) -> None:
+        self.step, self.skipped = 0, 0
+        self.weight_sum = torch.zeros(num_sets, num_findings, dtype=torch.float64, device=device)
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.window = {"loss": 0.0, "n": 0, "wait": 0.0, "skipped": 0, "weights": torch.zeros_like(self.weight_sum)}
+
+    def add(self, out: dict[str, torch.Tensor], applied: bool) -> None:
+        """Count one step: its loss and attention weights, or a skip (nan_policy = skip)."""
+        if not applied:
+            self.skipped += 1
+            self.window["skipped"] += 1
+            return
+        self.window["loss"] += float(out["loss"])
+        self.window["n"] += 1
+        if "weights" in out:
+            self.window["weights"] += out["weights"].double().mean(0).expand_as(self.weight_sum)  # (M, 1|N)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "skipped": self.skipped, "weight_sum": self.weight_sum, "window": dict(self.window)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.skipped, self.weight_sum = state["step"], state["skipped"], state["weight_sum"]
+        self.window = dict(state["window"])
 
 
 def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world: D.World, run_dir: Path,
@@ -63,11 +106,14 @@ def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world
         stream = EvalStream(split_shards(config.data.shards, manifest, split), world.rank, world.world_size,
                             config.train.eval_batch_size, label_index)
         result = evaluate(parts.model, make_loader(stream, 0), parts.label_sets, parts.findings, world,
-                          predict=parts.predict)
+                          predict=parts.predict, roc_thresholds=ROC_THRESHOLDS if config.train.plots else 0)
         result["step"] = step
+        roc = result.pop("roc", None)
         results[split] = result
         if world.is_main:
             write_results(run_dir, split, result)
+            if roc is not None:
+                atomic_write_text(run_dir / f"roc_{split}.json", json.dumps({"step": step, "roc": roc}))
             if console is not None:
                 console.print(auc_table(result, f"{split} @ step {step}"))
     return results
@@ -75,92 +121,149 @@ def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world
 
 def train(config: Config, world: D.World) -> Path:
     """Train with ``config`` on this rank; returns the finished run directory."""
+    tc = config.train
     manifest = read_manifest(config.data.shards)
     _, label_index = resolve_label_sets(config, manifest)
     parts = build_parts(config, manifest, world)
-    stream = TrainStream(split_shards(config.data.shards, manifest, config.data.train_split), world.rank,
-                         world.world_size, config.data.batch_size, config.train.seed, config.data.shuffle_buffer,
-                         config.data.num_workers, label_index)
+    engine = maybe_deepspeed(parts, config, world)  # DeepSpeed launch configs: ZeRO owns the update
+    optimizers = {} if engine else _optimizers(parts)
+    shards = split_shards(config.data.shards, manifest, config.data.train_split)
+    stream = TrainStream(shards, world.rank, world.world_size, config.data.batch_size, tc.seed,
+                         config.data.shuffle_buffer, config.data.num_workers, label_index)
     loader = make_loader(stream, config.data.num_workers)
-    work, final = prepare_run_dir(config, world)
+    run = checkpoint.open_run_dir(config, world)
+    if run.finished:
+        return run.final
+    work = run.work
     console = make_console() if world.is_main else None
-    log = Log(work / "log.jsonl", world.is_main)
-    trainable = parts.trainable()
-    buffers = list(parts.model.buffers())
-    average = lambda: D.average_gradients(trainable, world, buffers)  # noqa: E731
-
-    m = len(parts.label_sets)
-    weight_sum = torch.zeros(m, parts.attention.num_findings, dtype=torch.float64, device=world.device)
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "weights": torch.zeros_like(weight_sum)}
-    step, epoch, t_window = 0, 0, time.perf_counter()
+    state = LoopState(len(parts.label_sets), parts.attention.num_findings, world.device)
+    shard_ids = [(Path(path).name, n) for path, n in shards]
+    pending_rng = None
+    if run.resume_from is not None:
+        pending_rng = _resume(run.resume_from, parts, engine, optimizers, config, world, shard_ids, state)
+    log = Log(work, world.is_main, tc.tensorboard, state.step, console)
+    guard = StepGuard(parts.trainable(), list(parts.model.buffers()), world, tc.nan_policy, tc.max_skipped_steps,
+                      tc.debug_fault)
     if console:
         console.print(f"[bold]{config.method.name}[/] on {manifest['dataset']} ({stream.total_samples} train samples, "
                       f"{stream.steps_per_epoch} steps/epoch), {world.world_size} rank(s), "
-                      f"label sets {parts.label_sets}, run dir {work}")
-    progress = _progress(console, config.train.steps)
-    while step < config.train.steps:
-        stream.set_epoch(epoch)
+                      f"label sets {parts.label_sets}, run dir {work}"
+                      + (f", resumed at step {state.step}" if state.step else ""))
+    progress = _progress(console, tc.steps, state.step)
+    t_window, speed = time.perf_counter(), 0.0
+    while state.step < tc.steps:
+        epoch, start = divmod(state.step, stream.steps_per_epoch)  # the reader cursor
+        stream.set_epoch(epoch, start)
+        batches = iter(loader)
+        if pending_rng is not None:  # restored after the loader drew its seed, as at this point of the first run
+            checkpoint.set_rng_state(pending_rng, world.device)
+            pending_rng = None
         t_wait = time.perf_counter()
-        for raw in in_order(loader):
-            window["wait"] += time.perf_counter() - t_wait
+        for raw in in_order(batches, start):
+            state.window["wait"] += time.perf_counter() - t_wait
             batch = to_device(raw, world.device)
-            out = parts.step(batch, average)
-            step += 1
-            loss = float(out["loss"])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"rank {world.rank}: loss {loss} at step {step} on samples {raw['key'][:8]}")
-            window["loss"] += loss
-            window["n"] += 1
-            if "weights" in out:
-                w = out["weights"].double().mean(0)  # (M, 1|N)
-                window["weights"] += w.expand(m, parts.attention.num_findings)
-            if step % config.train.log_every == 0 or step == config.train.steps:
-                weight_sum += window["weights"]
-                _log_window(log, window, step, epoch, parts, config, world, time.perf_counter() - t_window)
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "weights": torch.zeros_like(weight_sum)}
+            guard.before(batch, state.step + 1)
+            out = parts.step(batch, guard)
+            state.step += 1
+            state.add(out, guard.after(out, raw["key"]))
+            step = state.step
+            if step % tc.log_every == 0 or step == tc.steps:
+                state.weight_sum += state.window["weights"]
+                speed = _log_window(log, state, epoch, parts, config, world, time.perf_counter() - t_window)
+                state.new_window()
                 t_window = time.perf_counter()
             if progress:
-                progress[0].update(progress[1], advance=1, description=f"step {step} loss {loss:.4f}")
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < config.train.steps:
+                progress[0].update(progress[1], advance=1,
+                                   description=f"step {step} loss {float(out['loss']):.4f} {speed:.0f} samples/s")
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 run_evaluation(parts, config, manifest, world, work, step, console)
-            if step >= config.train.steps:
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
+                write_zero = (lambda tmp: engine.save_checkpoint(str(tmp / "deepspeed"), tag="zero")) if engine else None
+                checkpoint.save(work, step, parts.modules(), optimizers, config, world, divmod(step, stream.steps_per_epoch),
+                                shard_ids, {"loop": state.state_dict()}, write_zero)
+            if step >= tc.steps:
                 break
             t_wait = time.perf_counter()
-        epoch += 1
     if progress:
         progress[0].stop()
     log.close()
+    return _finish(config, parts, manifest, world, run, state, console)
 
-    run_evaluation(parts, config, manifest, world, work, step, console)
-    D.all_reduce_sum(weight_sum, world)
+
+def _finish(config: Config, parts: Parts, manifest: dict[str, Any], world: D.World, run: checkpoint.RunDir,
+            state: LoopState, console: Any) -> Path:
+    """Final evaluation, attention summary, model, plots; then the run directory gets its final name."""
+    work = run.work
+    run_evaluation(parts, config, manifest, world, work, state.step, console)
+    D.all_reduce_sum(state.weight_sum, world)
     if world.is_main:
-        attention = _write_attention(work, parts, weight_sum / (world.world_size * step), config)
+        applied = max(1, state.step - state.skipped)
+        attention = _write_attention(work, parts, state.weight_sum / (world.world_size * applied), config)
         if attention:
             console.print(attention_table(attention))
-        _save_model(work, parts, step)
-        work.rename(final)
-        console.print(f"run directory: {final}")
+        if state.skipped:
+            console.print(f"[yellow]{state.skipped} step(s) skipped for non-finite values (nan_policy = skip)[/]")
+        _save_model(work, parts, state.step)
+        if config.train.plots:
+            _write_plots(work, console)
+        work.rename(run.final)
+        console.print(f"run directory: {run.final}")
     D.barrier(world)
-    return final
+    return run.final
 
 
-def _log_window(log: Log, window: dict[str, Any], step: int, epoch: int, parts: Parts, config: Config,
-                world: D.World, seconds: float) -> None:
-    stats = torch.tensor([window["loss"], window["n"], window["wait"]], dtype=torch.float64, device=world.device)
+def _resume(path: Path, parts: Parts, engine: Any, optimizers: dict[str, torch.optim.Optimizer], config: Config,
+            world: D.World, shard_ids: list[tuple[str, int]], state: LoopState) -> dict[str, Any]:
+    """Load checkpoint ``path`` into the parts (and a DeepSpeed engine) and the loop state; returns the
+    RNG states to restore once the reader has started."""
+    _, mine = checkpoint.load(path, parts.modules(), optimizers, config, world, shard_ids)
+    if engine is not None:  # ZeRO's partitioned optimizer state, one file per rank
+        engine.load_checkpoint(str(path / "deepspeed"), tag="zero", load_module_strict=True)
+    state.load_state_dict(mine["loop"])
+    return mine["rng"]
+
+
+def _optimizers(parts: Parts) -> dict[str, torch.optim.Optimizer]:
+    return {"optimizer": parts.optimizer, "attention_optimizer": parts.attention_optimizer}
+
+
+def _write_plots(run_dir: Path, console: Any) -> None:
+    from aol_dist import plots
+
+    try:
+        written = plots.write_plots(run_dir)
+    except Exception as e:  # noqa: BLE001 - a plotting bug must not cost the finished run its final name
+        console.print(f"[yellow]plots failed ({type(e).__name__}: {e}); the run is complete without them[/]")
+        return
+    console.print(f"plots: {', '.join(p.name for p in written)}")
+
+
+def _log_window(log: Log, state: LoopState, epoch: int, parts: Parts, config: Config, world: D.World,
+                seconds: float) -> float:
+    """Write one JSONL record for the steps since the last one (means over ranks); returns samples/s."""
+    window = state.window
+    stats = torch.tensor([window["loss"], window["n"], window["wait"], window["n"] + window["skipped"]],
+                         dtype=torch.float64, device=world.device)
     weights = window["weights"].clone()
     D.all_reduce_sum(stats, world)
     D.all_reduce_sum(weights, world)
-    n = stats[1].item()
+    n, steps = stats[1].item(), stats[3].item()  # summed over ranks
+    speed = steps * config.data.batch_size / max(seconds, 1e-9)
     record = {
-        "step": step, "epoch": epoch, "loss": stats[0].item() / n,
-        "samples_per_s": n * config.data.batch_size / max(seconds, 1e-9),  # n counts steps of all ranks
+        "step": state.step, "epoch": epoch, "loss": stats[0].item() / n if n else None,
+        "samples_per_s": speed,
         "data_wait_s": stats[2].item() / world.world_size,
+        "step_time_s": seconds * world.world_size / max(steps, 1),
         "lr": parts.optimizer.param_groups[0]["lr"],
+        "attention_lr": parts.attention_optimizer.param_groups[0]["lr"],
+        "skipped_steps": state.skipped,
+        "world_size": world.world_size,
     }
-    if config.method.name == "aol":
+    if config.method.name == "aol" and n:
         mean = (weights / n).mean(1)  # over findings
         record["attention"] = dict(zip(parts.label_sets, [round(v, 5) for v in mean.tolist()]))
     log.write(record)
+    return speed
 
 
 def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, config: Config) -> dict[str, Any] | None:
@@ -182,7 +285,8 @@ def _save_model(run_dir: Path, parts: Parts, step: int) -> None:
     tmp.rename(run_dir / "model.pt")
 
 
-def _progress(console: Any, total: int):
+def _progress(console: Any, total: int, done: int = 0):
+    """Rich progress bar (step, loss, samples/s, ETA) on rank 0 when writing to a terminal."""
     if console is None or not console.is_terminal:
         return None
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -190,4 +294,4 @@ def _progress(console: Any, total: int):
     p = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                  TimeRemainingColumn(), console=console)
     p.start()
-    return p, p.add_task("training", total=total)
+    return p, p.add_task("training", total=total, completed=done)

@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+import traceback
 
 from aol_dist import dist
 from aol_dist.config import ConfigError, load_config
 from aol_dist.loop import train
+
+PEER_GRACE_S = 3.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +26,34 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    world = dist.init_world()
+    world = dist.init_world(config.train.collective_timeout_s)
     try:
         train(config, world)
-    finally:
-        dist.shutdown(world)
+    except Exception as e:  # noqa: BLE001 - name the rank, then leave at once (see fail)
+        fail(world, e)
+    dist.shutdown(world)
     return 0
+
+
+def fail(world: dist.World, error: BaseException) -> None:
+    """Report ``error`` naming this rank and exit non-zero without the clean shutdown.
+
+    After a failed collective the process group may be unusable and a clean shutdown may wait for
+    peers that are gone; exiting now lets the launcher end the other ranks.
+    """
+    traceback.print_exception(error)
+    text = f"{type(error).__name__}: {error}"
+    peers = any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset"))
+    if peers:
+        text += " (a collective failed: another rank died or stopped responding)"
+        diagnosis = dist.unresponsive_ranks(world)
+        if diagnosis and world.is_main:
+            text += f"; {diagnosis}"
+    print(f"aol_dist.train: rank {world.rank} of {world.world_size} failed: {text}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if peers:  # let the launcher see the rank that died first: its summary names that one as the root cause
+        time.sleep(PEER_GRACE_S)
+    os._exit(1)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def test_accelerate_launch_two_processes_then_eval(synth_dir, tmp_path):
     assert "AUROC per finding" in proc.stdout and "Mean" in proc.stdout
     run_dir = runs / "smoke"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "attention.json", "auc_test.csv", "auc_test.json", "config.toml", "log.jsonl", "model.pt"]
+        "attention.json", "auc_test.csv", "auc_test.json", "checkpoints", "config.toml", "log.jsonl", "model.pt",
+        "plots", "roc_test.json"]
     result = json.loads((run_dir / "auc_test.json").read_text())
     assert result["samples"] == 80 and len(result["auc"]["truth"]) == 14
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -95,3 +96,23 @@ def test_a_crashed_run_leaves_no_directory_under_its_final_name(tmp_path, monkey
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(config, World())
     assert not (tmp_path / "runs" / "x").exists() and (tmp_path / "runs" / "x.incomplete").is_dir()
+
+
+def test_training_on_evaluation_only_shards_says_so(tmp_path):
+    from aol_dist.config import config_from_dict
+    from aol_dist.data import shards
+    from aol_dist.dist import World
+    from aol_dist.loop import train
+    from helpers import FINDINGS, fake_sample
+
+    def no_label_sets(i):
+        s = fake_sample(i)
+        return {**s, "labels": s["labels"][:0]}
+
+    records, _ = shards.write_split(tmp_path, [shards.ShardJob("test-000000.tar", tuple(range(4)))], no_label_sets)
+    shards.write_manifest(tmp_path, dataset="openi-like", findings=FINDINGS, label_sets=[], splits={"test": records},
+                          image_size=8, has_truth={"test": True})
+    config = config_from_dict({"data": {"shards": str(tmp_path), "train_split": "test", "batch_size": 2},
+                               "model": {"arch": "resnet_tiny"}, "train": {"out_dir": str(tmp_path / "runs")}})
+    with pytest.raises(ValueError, match="no noisy label sets"):
+        train(config, World())

@@ -28,14 +28,14 @@ def soft_average_target(labels: torch.Tensor) -> torch.Tensor:
 
 
 def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
-               average_gradients: Callable[[], None] = lambda: None,
+               average_gradients: Callable[[], bool | None] = lambda: None,
                text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One ordinary BCE training step."""
     loss = bce(model(x, text), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients()
-    optimizer.step()
+    if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
+        optimizer.step()
     return {"loss": loss.detach()}
 
 
@@ -68,12 +68,12 @@ def cm_loss(logits: torch.Tensor, labels: torch.Tensor, matrices: torch.Tensor, 
 
 
 def cm_step(model: nn.Module, cm: ConfusionMatrices, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-            labels: torch.Tensor, trace_weight: float, average_gradients: Callable[[], None] = lambda: None,
+            labels: torch.Tensor, trace_weight: float, average_gradients: Callable[[], bool | None] = lambda: None,
             text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One CM training step: classifier and confusion matrices trained jointly by one optimizer."""
     loss = cm_loss(model(x, text), labels, cm.matrices(), trace_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients()
-    optimizer.step()
+    if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
+        optimizer.step()
     return {"loss": loss.detach()}
