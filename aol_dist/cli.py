@@ -76,7 +76,8 @@ def _eval(args: argparse.Namespace) -> int:
     from aol_dist.config import load_config
     from aol_dist.data.shards import read_manifest, split_shards
     from aol_dist.data.stream import EvalStream, make_loader
-    from aol_dist.evaluate import auc_table, evaluate, write_results
+    from aol_dist.evaluate import evaluate, write_results
+    from aol_dist.report import auc_table
     from aol_dist.data.convert.tokenize import check_tokenizer
     from aol_dist.parts import build_parts
 

@@ -96,22 +96,6 @@ def auc_csv(result: dict[str, Any]) -> str:
     return out.getvalue()
 
 
-def auc_table(result: dict[str, Any], title: str):
-    from rich.table import Table
-
-    targets = list(result["auc"])
-    table = Table(title=f"{title} ({result['samples']} samples): AUROC per finding")
-    table.add_column("finding")
-    for t in targets:
-        table.add_column(t, justify="right")
-    fmt = lambda v: "n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
-    for i, f in enumerate(result["findings"]):
-        table.add_row(f, *(fmt(result["auc"][t][i]) for t in targets))
-    table.add_section()
-    table.add_row("Mean", *(fmt(result["mean_auc"][t]) for t in targets), style="bold")
-    return table
-
-
 def write_results(run_dir: Path, split: str, result: dict[str, Any]) -> None:
     from aol_dist.data.shards import atomic_write_text
 

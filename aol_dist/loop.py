@@ -16,12 +16,13 @@ import torch
 from aol_dist import checkpoint
 from aol_dist import dist as D
 from aol_dist.config import Config
+from aol_dist.data.convert.tokenize import check_tokenizer
 from aol_dist.data.shards import atomic_write_text, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
-from aol_dist.evaluate import auc_table, evaluate, write_results
+from aol_dist.evaluate import evaluate, write_results
 from aol_dist.faults import StepGuard
 from aol_dist.parts import Parts, build_parts, resolve_label_sets
-from aol_dist.report import attention_table, make_console
+from aol_dist.report import attention_table, auc_table, make_console
 from aol_dist.zero import maybe_deepspeed
 
 ROC_THRESHOLDS = 200
@@ -123,6 +124,7 @@ def train(config: Config, world: D.World) -> Path:
     """Train with ``config`` on this rank; returns the finished run directory."""
     tc = config.train
     manifest = read_manifest(config.data.shards)
+    check_tokenizer(manifest, config.model.text_encoder, where=str(config.data.shards))  # before any work
     _, label_index = resolve_label_sets(config, manifest)
     parts = build_parts(config, manifest, world)
     engine = maybe_deepspeed(parts, config, world)  # DeepSpeed launch configs: ZeRO owns the update
@@ -280,8 +282,8 @@ def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, co
 
 def _save_model(run_dir: Path, parts: Parts, step: int) -> None:
     tmp = run_dir / ".model.pt.tmp"
-    torch.save({"step": step, "model": parts.model.state_dict(), "attention": parts.attention.state_dict(),
-                "label_sets": parts.label_sets, "findings": parts.findings}, tmp)
+    modules = {name: module.state_dict() for name, module in parts.modules().items()}  # model, attention[, cm]
+    torch.save({"step": step, **modules, "label_sets": parts.label_sets, "findings": parts.findings}, tmp)
     tmp.rename(run_dir / "model.pt")
 
 

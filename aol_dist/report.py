@@ -45,21 +45,36 @@ def compare_runs(runs: list[Any], split: str, target: str = "truth") -> dict[str
     return {"split": split, "target": target, "findings": findings, "runs": columns}
 
 
-def compare_table(comparison: dict[str, Any]):
+def findings_table(title: str, findings: list[str], columns: dict[str, list[float]], means: dict[str, float],
+                   bold_best: bool = False):
+    """Findings as rows, one column of AUROCs per target or run, a mean row; n/a where undefined."""
     import math
 
     from rich.table import Table
 
-    runs = comparison["runs"]
-    table = Table(title=f"AUROC vs {comparison['target']} on {comparison['split']}")
+    table = Table(title=title)
     table.add_column("finding")
-    for name in runs:
+    for name in columns:
         table.add_column(name, justify="right")
     fmt = lambda v: "n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
-    for i, f in enumerate(comparison["findings"]):
-        row = [runs[r]["auc"][i] for r in runs]
+    for i, f in enumerate(findings):
+        row = [values[i] for values in columns.values()]
         best = max((v for v in row if not math.isnan(v)), default=math.nan)
-        table.add_row(f, *(f"[bold]{fmt(v)}[/]" if v == best else fmt(v) for v in row))
+        table.add_row(f, *(f"[bold]{fmt(v)}[/]" if bold_best and v == best else fmt(v) for v in row))
     table.add_section()
-    table.add_row("Mean", *(fmt(runs[r]["mean"]) for r in runs), style="bold")
+    table.add_row("Mean", *(fmt(means[name]) for name in columns), style="bold")
     return table
+
+
+def auc_table(result: dict[str, Any], title: str):
+    """One evaluation: AUROC per finding against truth and each label set."""
+    return findings_table(f"{title} ({result['samples']} samples): AUROC per finding", result["findings"],
+                          result["auc"], result["mean_auc"])
+
+
+def compare_table(comparison: dict[str, Any]):
+    """Several runs against one target, the best per finding in bold."""
+    runs = comparison["runs"]
+    return findings_table(f"AUROC vs {comparison['target']} on {comparison['split']}", comparison["findings"],
+                          {r: v["auc"] for r, v in runs.items()}, {r: v["mean"] for r, v in runs.items()},
+                          bold_best=True)

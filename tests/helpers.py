@@ -21,7 +21,8 @@ def fake_sample(index: int, size: int = 8, tokens: int = 0) -> dict:
     return sample
 
 
-def write_fake_shards(out: Path, shard_sizes: dict[str, list[int]], workers: int = 1, tokens: int = 0) -> dict:
+def write_fake_shards(out: Path, shard_sizes: dict[str, list[int]], workers: int = 1, tokens: int = 0,
+                      tokenizer: dict | None = None) -> dict:
     """Shards with the given sample counts per split; sample keys are global indices."""
     import functools
     records, start = {}, 0
@@ -32,7 +33,7 @@ def write_fake_shards(out: Path, shard_sizes: dict[str, list[int]], workers: int
             start += n
         records[split], _ = shards.write_split(out, jobs, functools.partial(fake_sample, tokens=tokens), workers)
     return shards.write_manifest(out, dataset="fake", findings=FINDINGS, label_sets=LABEL_SETS, splits=records,
-                                 image_size=8, has_truth={s: True for s in records})
+                                 image_size=8, has_truth={s: True for s in records}, tokenizer=tokenizer)
 
 
 def free_port() -> int:

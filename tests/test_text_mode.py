@@ -14,7 +14,10 @@ from test_fast_step import tiny_bert  # noqa: F401 - fixture
 
 @pytest.mark.parametrize("method", ["aol", "cm"])
 def test_image_text_training_runs_and_evaluates(tmp_path, tiny_bert, method):  # noqa: F811
-    write_fake_shards(tmp_path / "shards", {"train": [8, 8], "test": [6]}, tokens=12)
+    from aol_dist.data.convert.tokenize import tokenizer_record
+
+    write_fake_shards(tmp_path / "shards", {"train": [8, 8], "test": [6]}, tokens=12,
+                      tokenizer=tokenizer_record(tiny_bert, 12))
     config = config_from_dict({
         "data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
         "model": {"arch": "resnet_tiny", "text_encoder": str(tiny_bert)},
@@ -23,6 +26,7 @@ def test_image_text_training_runs_and_evaluates(tmp_path, tiny_bert, method):  #
     })
     run = train(config, World())
     state = torch.load(run / "model.pt", weights_only=True)
+    assert ("cm" in state) == (method == "cm")
     assert any(k.startswith("text.layers") for k in state["model"])  # the two FC layers are part of theta
     assert state["model"]["text.layers.0.weight"].shape == (512, 16)
     assert json.loads((run / "auc_test.json").read_text())["samples"] == 6
@@ -55,3 +59,20 @@ def test_synth_shards_with_report_tokens_train_image_text(tmp_path, tiny_bert): 
     run = train(config, World())
     assert json.loads((run / "auc_test.json").read_text())["samples"] == 8
     assert read_manifest(tmp_path / "shards")["tokenizer"]["vocab_sha256"]
+
+
+def test_shards_from_another_tokenizer_stop_training_before_it_starts(tmp_path, tiny_bert):  # noqa: F811
+    from aol_dist.data.convert.tokenize import TokenizerMismatch, tokenizer_record
+    from fixtures_data import make_tokenizer
+
+    other = make_tokenizer(tmp_path / "other-tokenizer", extra=("cardiomegaly",))
+    write_fake_shards(tmp_path / "shards", {"train": [8], "test": [4]}, tokens=12,
+                      tokenizer=tokenizer_record(other, 12))
+    config = config_from_dict({
+        "data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
+        "model": {"arch": "resnet_tiny", "text_encoder": str(tiny_bert)},
+        "train": {"steps": 1, "out_dir": str(tmp_path / "runs"), "run_name": "t"},
+    })
+    with pytest.raises(TokenizerMismatch, match="vocabulary sha256"):
+        train(config, World())
+    assert not (tmp_path / "runs").exists()  # stopped before the run directory was made
