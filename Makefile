@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# DeepSpeed (ZeRO launch configs) builds against the torch above: no build isolation, or pip fetches another torch
+	$(PY) -m pip install --quiet --no-build-isolation 'deepspeed>=0.14'
 	touch $@
 
 setup: $(VENV)/.installed
