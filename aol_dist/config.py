@@ -128,6 +128,9 @@ class TrainConfig:
     """With nan_policy = "skip": stop after this many consecutive skipped steps (the run has diverged)."""
     collective_timeout_s: float = 600.0
     """A collective that waits longer than this (a peer rank hung or died) ends the job with an error."""
+    precision: str = "auto"
+    """Training step arithmetic: "auto" = bf16 autocast on a GPU (float32 master weights, optimizer and
+    attention update in float32), float32 on the CPU; "fp32"; "bf16" (autocast on any device)."""
     tensorboard: bool = False
     """Also write the logged scalars to ``<run>/tensorboard`` (needs the ``tensorboard`` package)."""
     plots: bool = True
@@ -144,6 +147,7 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _require(self.resume not in ("latest", "auto") or bool(self.run_name),
                  f"train.resume = {self.resume!r} needs train.run_name (the run to continue)")
+        _require(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         _require(self.nan_policy in ("skip", "stop"), f"train.nan_policy must be skip or stop, got {self.nan_policy!r}")
         _require(self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
         _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")

@@ -6,6 +6,7 @@ only when the run has finished, so a directory under its final name is always a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -144,6 +145,7 @@ def train(config: Config, world: D.World) -> Path:
     if run.resume_from is not None:
         pending_rng = _resume(run.resume_from, parts, engine, optimizers, config, world, shard_ids, state)
     log = Log(work, world.is_main, tc.tensorboard, state.step, console)
+    autocast = step_autocast(tc.precision, world.device)
     guard = StepGuard(parts.trainable(), list(parts.model.buffers()), world, tc.nan_policy, tc.max_skipped_steps,
                       tc.debug_fault)
     if console:
@@ -165,7 +167,8 @@ def train(config: Config, world: D.World) -> Path:
             state.window["wait"] += time.perf_counter() - t_wait
             batch = to_device(raw, world.device)
             guard.before(batch, state.step + 1)
-            out = parts.step(batch, guard)
+            with autocast:
+                out = parts.step(batch, guard)
             state.step += 1
             state.add(out, guard.after(out, raw["key"]))
             step = state.step
@@ -278,6 +281,14 @@ def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, co
         record["per_finding"] = {f: dict(zip(parts.label_sets, w[:, j].tolist())) for j, f in enumerate(parts.findings)}
     atomic_write_text(run_dir / "attention.json", json.dumps(record, indent=1))
     return record
+
+
+def step_autocast(precision: str, device: torch.device):
+    """bf16 autocast for the training step where asked ("auto": on CUDA only); parameters, optimizer
+    states and the gradient all-reduce stay float32, autocast only lowers the matmuls and convolutions."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _save_model(run_dir: Path, parts: Parts, step: int) -> None:
