@@ -1,7 +1,5 @@
 """The fast meta step and gradient checkpointing against the reference: same parameters after 3 steps."""
 
-import copy
-
 import pytest
 import torch
 
@@ -11,21 +9,6 @@ from aol_dist.model.backbone import Classifier
 from aol_dist.model.text import ReportEncoder
 
 B, M, N, L = 6, 3, 5, 12
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    from fixtures_data import make_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
-    make_tokenizer(path, extra=("pleural", "pneumothorax", "mild", "edema", "pulmonary", "impression", "lungs",
-                                "clear", "possible", "of", "the", "and", "is", "are"))  # 33 words < vocab 40
-    return path
 
 
 def run_steps(hp, text_encoder=None, per_finding=False, checkpointing=False, steps=3):

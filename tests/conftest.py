@@ -1,0 +1,19 @@
+"""Fixtures shared by several test modules."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    from fixtures_data import make_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path)
+    make_tokenizer(path, extra=("pleural", "pneumothorax", "mild", "edema", "pulmonary", "impression", "lungs",
+                                "clear", "possible", "of", "the", "and", "is", "are"))  # 33 words < vocab 40
+    return path
