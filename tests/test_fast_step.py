@@ -56,9 +56,9 @@ def test_partial_scope_differs_from_full():
     assert not torch.allclose(full[1].attn_fc.weight, partial[1].attn_fc.weight)
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_gradient_checkpointing_changes_nothing(fast):
-    hp = AolHyper(k=5.0, fast=fast)
+@pytest.mark.parametrize("fast,scope", [(False, "full"), (True, "full"), (True, "partial")])
+def test_gradient_checkpointing_changes_nothing(fast, scope):
+    hp = AolHyper(k=5.0, fast=fast, scope=scope)
     plain = run_steps(hp)
     checkpointed = run_steps(hp, checkpointing=True)
     assert_same(plain[0], checkpointed[0])  # parameters and batch-norm running statistics

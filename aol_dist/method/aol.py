@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from aol_dist.method import last_stage
 from aol_dist.model.attention import LabelAttention, binarize, combine_labels
 from aol_dist.model.backbone import batch_statistics_only
 
@@ -85,6 +86,11 @@ def meta_features_reference(model: nn.Module, x: torch.Tensor, trunk: torch.Tens
     return torch.stack(features, dim=1)
 
 
+def bce_cotangents(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """dL_C(y_hat, y_m)/dz for every label set m: (sigmoid(z) - y_m) / (B N), shape (B, M, N)."""
+    return (torch.sigmoid(logits.detach()).unsqueeze(1) - labels) / logits.numel()
+
+
 def meta_features_fast(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, logits: torch.Tensor,
                        labels: torch.Tensor, meta_lr: float, text: torch.Tensor | None = None,
                        scope: str = "full") -> torch.Tensor:
@@ -96,7 +102,7 @@ def meta_features_fast(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, l
     names, params = _scoped(model, scope)
     inputs, from_trunk = _meta_input(x, trunk, scope)
     detached = [p.detach() for p in params]
-    cotangents = (torch.sigmoid(logits.detach()).unsqueeze(1) - labels) / logits.numel()  # (B, M, N)
+    cotangents = bce_cotangents(logits, labels)
     features = []
     for m in range(labels.shape[1]):
         # outside batch_statistics_only: a checkpointed stage recomputes its forward in here
@@ -123,9 +129,14 @@ def aol_loss(model: nn.Module, attention: LabelAttention, x: torch.Tensor, label
              text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """L_C(y_hat, y_tilde) of one batch and the attention weights; backward gives Eq. 4 and Eq. 5 gradients."""
     trunk = model.trunk(x)
-    logits = model(trunk, text, from_trunk=True)
-    meta = meta_features_fast if hp.fast else meta_features_reference
-    features = meta(model, x, trunk, logits, labels, hp.meta_lr, text, hp.scope)
+    if hp.fast and hp.scope == "partial" and last_stage.supported(model):
+        # the partial scope's M meta-gradients and meta forwards as label-set-batched passes (last_stage.py)
+        logits, tape = last_stage.recorded_top(model, trunk, text)
+        features = last_stage.meta_features(model, tape, bce_cotangents(logits, labels), hp.meta_lr)
+    else:
+        logits = model(trunk, text, from_trunk=True)
+        meta = meta_features_fast if hp.fast else meta_features_reference
+        features = meta(model, x, trunk, logits, labels, hp.meta_lr, text, hp.scope)
     y_tilde, weights = attended_labels(attention, features, labels, hp)
     return bce(logits, y_tilde), weights
 

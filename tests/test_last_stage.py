@@ -1,0 +1,80 @@
+"""The partial scope's batched last-stage passes against the reference meta forwards (autograd, functional_call)."""
+
+import copy
+
+import pytest
+import torch
+
+from aol_dist.method import last_stage
+from aol_dist.method.aol import bce_cotangents, meta_features_reference
+from aol_dist.model.backbone import Classifier
+from aol_dist.model.text import ReportEncoder
+
+B, M, N, ALPHA = 5, 3, 4, 0.7
+
+
+def setup(arch, size=40, text_encoder=None, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = Classifier(arch, N, text_dim=text_encoder.out_dim if text_encoder else 0).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(B, 1, size, size, generator=g, dtype=dtype)
+    labels = torch.randint(0, 2, (B, M, N), generator=g).to(dtype)
+    text = text_encoder(torch.randint(1, 40, (B, 12), generator=g)).to(dtype) if text_encoder else None
+    return model, x, labels, text
+
+
+def both(model, x, labels, text):
+    """(batched, reference) meta-features of the partial scope, on two copies of the same model."""
+    twin = copy.deepcopy(model)
+    trunk = model.trunk(x)
+    logits, tape = last_stage.recorded_top(model, trunk, text)
+    got = last_stage.meta_features(model, tape, bce_cotangents(logits, labels), ALPHA)
+    trunk = twin.trunk(x)
+    twin_logits = twin(trunk, text, from_trunk=True)
+    want = meta_features_reference(twin, x, trunk, twin_logits, labels, ALPHA, text, "partial")
+    torch.testing.assert_close(logits, twin_logits)
+    return got, want, model, twin
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet18", "resnet50", "timm/resnet18"])
+def test_batched_meta_features_equal_reference(arch, low_rank, monkeypatch):
+    monkeypatch.setattr(last_stage, "LOW_RANK", low_rank)
+    model, x, labels, text = setup(arch)
+    assert last_stage.supported(model)
+    got, want, model, twin = both(model, x, labels, text)
+    assert got.shape == (B, M, model.feature_dim)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # running statistics: one forward's update only
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_batched_meta_features_with_text_layers(low_rank, monkeypatch, tiny_bert):
+    monkeypatch.setattr(last_stage, "LOW_RANK", low_rank)
+    model, x, labels, text = setup("resnet_tiny", text_encoder=ReportEncoder(tiny_bert, cache=False))
+    got, want, *_ = both(model, x, labels, text)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_cost_rule_picks_low_rank_only_for_small_batches():
+    # ResNet-18's last 3x3 convolution (512 -> 512, K = 4608) at 2 x 2 maps
+    assert last_stage._low_rank(16 * 4, 4608, 512)  # the CPU benchmark: batch 16
+    assert not last_stage._low_rank(32 * 64, 4608, 512)  # ResNet-50 at 256 x 256, batch 32: 8 x 8 maps
+
+
+def test_bf16_autocast_matches_the_reference_under_autocast():
+    # bf16 itself moves these features by up to ~0.6 against float32 (batch norm over 5 x 2 x 2 values);
+    # the batched passes must add no more than rounding to that
+    model, x, labels, text = setup("resnet18", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want, *_ = both(model, x, labels, text)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().mean() < 0.01
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
+def test_unsupported_last_stages_fall_back():
+    assert not last_stage.supported(Classifier("timm/resnet18d", N))  # average-pool shortcut
+    assert not last_stage.supported(Classifier("timm/seresnet18", N))  # squeeze-and-excitation
+    assert not last_stage.supported(Classifier("resnet18", N).eval())  # meta forwards use batch statistics
