@@ -1,6 +1,7 @@
 """Does the method learn? One clean label set among heavily corrupted ones (CPU, seconds)."""
 
 import numpy as np
+import pytest
 import torch
 from torchmetrics.functional.classification import multilabel_auroc
 
@@ -23,7 +24,7 @@ def data():
     return x[:N_TRAIN], labels[:N_TRAIN], x[N_TRAIN:], truth[N_TRAIN:]
 
 
-def train(method, x, labels):
+def train(method, x, labels, scope="full"):
     torch.manual_seed(0)
     model = Classifier("resnet_tiny", labels.shape[2])
     attention = LabelAttention(model.feature_dim, labels.shape[1], labels.shape[2])
@@ -33,7 +34,7 @@ def train(method, x, labels):
     for _ in range(STEPS):
         idx = torch.randint(0, len(x), (BATCH,), generator=g)
         if method == "aol":
-            out = aol_step(model, attention, opt, att_opt, x[idx], labels[idx], AolHyper())
+            out = aol_step(model, attention, opt, att_opt, x[idx], labels[idx], AolHyper(scope=scope))
             weights.append(out["weights"].mean(0).squeeze(-1))
         else:
             plain_step(model, opt, x[idx], labels[idx][:, method])
@@ -45,10 +46,11 @@ def truth_auc(model, x, truth):
         return multilabel_auroc(torch.sigmoid(model(x)), truth.long(), truth.shape[1], average="macro").item()
 
 
-def test_attention_trusts_the_clean_label_set_and_beats_a_corrupted_one():
+@pytest.mark.parametrize("scope", ["full", "partial"])
+def test_attention_trusts_the_clean_label_set_and_beats_a_corrupted_one(scope):
     torch.set_num_threads(2)
     x, labels, x_test, truth = data()
-    model, weights = train("aol", x, labels)
+    model, weights = train("aol", x, labels, scope)
     assert weights.argmax() == 0 and weights[0] > 0.5, weights
     corrupted_model, _ = train(1, x, labels)
     aol_auc, corrupted_auc = truth_auc(model, x_test, truth), truth_auc(corrupted_model, x_test, truth)
