@@ -50,6 +50,17 @@ def test_fast_step_equals_reference(scope, combine, threshold, per_finding, with
     torch.testing.assert_close(ref[2], fast[2])
 
 
+@pytest.mark.parametrize("scope", ["full", "partial"])
+def test_autograd_fast_path_equals_reference(scope, monkeypatch, tiny_bert):
+    """The fast path for backbones last_stage.py does not write out (meta_features_fast)."""
+    encoder = ReportEncoder(tiny_bert, cache=False)
+    ref = run_steps(AolHyper(fast=False, k=5.0, scope=scope), encoder, per_finding=True)
+    monkeypatch.setattr("aol_dist.method.last_stage.supported", lambda model: False)
+    fast = run_steps(AolHyper(fast=True, k=5.0, scope=scope), encoder, per_finding=True)
+    assert_same(ref[0], fast[0])
+    assert_same(ref[1], fast[1])
+
+
 def test_partial_scope_differs_from_full():
     full = run_steps(AolHyper(k=5.0, scope="full"))
     partial = run_steps(AolHyper(k=5.0, scope="partial"))

@@ -1,11 +1,14 @@
 """The attention-on-label meta step (Algorithm 1, Eq. 1-5): the reference and the fast path.
 
 ``meta_features_reference`` reads like Algorithm 1 and is the oracle the fast path is tested
-against. ``meta_features_fast`` computes the same numbers with less work per label set: the M
-meta-gradients are vector-Jacobian products of the one forward graph with the analytic BCE
-cotangent (sigmoid(z) - y_m) / (B N) instead of M loss graphs, the M updated weight sets are built
-with fused list operations, and batch norm runs on batch statistics without tracking instead of on
-M throw-away copies of the running statistics.
+against. The fast path computes the same numbers with less work per label set:
+``meta_features_batched`` (ResNet-block backbones, see ``last_stage.py``) runs the last stage's M
+meta-gradients and M meta forwards as one hand-written pass each, batched over the label sets, and
+the trunk (full scope) by autograd; ``meta_features_fast`` (any backbone) takes the M meta-gradients
+as vector-Jacobian products of the one forward graph with the analytic BCE cotangent
+(sigmoid(z) - y_m) / (B N) instead of M loss graphs, builds the M updated weight sets with fused list
+operations, and runs batch norm on batch statistics without tracking instead of on M throw-away
+copies of the running statistics.
 
 The step knows nothing about ranks: the caller injects ``average_gradients``, called once per step
 between the backward pass and the optimizer steps (outer and attention gradients only; the M
@@ -117,6 +120,35 @@ def meta_features_fast(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, l
     return torch.stack(features, dim=1)
 
 
+def meta_features_batched(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, tape: last_stage.Tape,
+                          cotangents: torch.Tensor, meta_lr: float, scope: str = "full") -> torch.Tensor:
+    """Same result as :func:`meta_features_reference`, with the last stage batched over the label sets.
+
+    The last stage's M meta-gradients and meta forwards run as one hand-written pass each
+    (``last_stage.py``); in the full scope the trunk's M meta-gradients are vector-Jacobian products
+    of the trunk with the M gradients that pass returns at the trunk activation, and its M meta
+    forwards run under ``functional_call``.
+    """
+    num_sets = cotangents.shape[1]
+    with torch.no_grad():
+        g_trunk = last_stage.meta_backward(model, tape, cotangents, meta_lr, trunk_gradient=scope == "full")
+    trunk_m = None
+    if scope == "full":
+        top = set(model.last_stage_parameters())
+        pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n not in top]
+        names, params = [n for n, _ in pairs], [p for _, p in pairs]
+        outputs = []
+        for m in range(num_sets):
+            grads = torch.autograd.grad(trunk, params, g_trunk[m], retain_graph=True, allow_unused=True)
+            theta_m = {n: p.detach() if g is None else torch.add(p.detach(), g, alpha=-meta_lr)
+                       for n, p, g in zip(names, params, grads)}
+            with torch.no_grad(), batch_statistics_only(model):
+                outputs.append(functional_call(model, theta_m, (x,), {"trunk_only": True}))
+        trunk_m = torch.stack(outputs)
+    with torch.no_grad():
+        return last_stage.meta_forward(model, tape, meta_lr, num_sets, trunk_m)
+
+
 def attended_labels(attention: LabelAttention, features: torch.Tensor, labels: torch.Tensor,
                     hp: AolHyper) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_tilde, w): Eq. 2 then y_bar (Sec. 3.2) then Eq. 3."""
@@ -129,10 +161,9 @@ def aol_loss(model: nn.Module, attention: LabelAttention, x: torch.Tensor, label
              text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """L_C(y_hat, y_tilde) of one batch and the attention weights; backward gives Eq. 4 and Eq. 5 gradients."""
     trunk = model.trunk(x)
-    if hp.fast and hp.scope == "partial" and last_stage.supported(model):
-        # the partial scope's M meta-gradients and meta forwards as label-set-batched passes (last_stage.py)
+    if hp.fast and last_stage.supported(model):
         logits, tape = last_stage.recorded_top(model, trunk, text)
-        features = last_stage.meta_features(model, tape, bce_cotangents(logits, labels), hp.meta_lr)
+        features = meta_features_batched(model, x, trunk, tape, bce_cotangents(logits, labels), hp.meta_lr, hp.scope)
     else:
         logits = model(trunk, text, from_trunk=True)
         meta = meta_features_fast if hp.fast else meta_features_reference

@@ -1,10 +1,10 @@
-"""The partial meta scope's M meta-features from hand-written, label-set-batched passes of the last stage.
+"""The last stage's M meta-gradients and M meta forwards as hand-written passes batched over the label sets.
 
-In the partial scope theta_m (Eq. 1) differs from theta only in the last stage, the text layers and
-the head, and the meta forwards start from the trunk activation before the last stage. The M
-meta-gradients grad L_C(y_hat, y_m) are vector-Jacobian products of the one forward graph with the
-cotangents c_m = (sigmoid(z) - y_m) / (B N) at the logits; they differ only by the labels, so every
-activation the backward pass reads is shared by the M passes:
+The M meta-gradients grad L_C(y_hat, y_m) (Eq. 1) are vector-Jacobian products of the one forward
+graph with the cotangents c_m = (sigmoid(z) - y_m) / (B N) at the logits; they differ only by the
+labels, so every activation the backward pass reads is shared by the M passes. For the last stage,
+the text layers and the head (all of theta in the partial meta scope; the full scope continues into
+the trunk with autograd from the M gradients this pass returns at the trunk activation):
 
 - backward: batch norm (train mode, batch statistics) and ReLU are elementwise with per-m
   reductions; a convolution's input gradient is one transposed convolution of the M x B stacked
@@ -17,8 +17,9 @@ activation the backward pass reads is shared by the M passes:
 
 Written out for ResNet BasicBlock / Bottleneck stages (torchvision, and timm's when they have no
 extras such as SE or drop-path), global average pooling and the text layers; :func:`supported`
-says when it applies, otherwise the caller uses autograd and ``functional_call``. The tests compare
-it with the reference step (tests/test_fast_step.py, tests/test_last_stage.py).
+says when it applies, otherwise the caller uses autograd and ``functional_call``
+(``aol.meta_features_fast``). The tests compare it with the reference step (tests/test_fast_step.py,
+tests/test_last_stage.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aol_dist.model.backbone import Classifier
 
 
 @dataclass
@@ -144,9 +147,9 @@ def _blocks(stage: nn.Module) -> list[Block] | None:
 
 
 def supported(model: nn.Module) -> bool:
-    """True when the model's last stage is made of plain ResNet blocks, pooled by a global average, in train mode."""
-    return (model.training and _is(model.pool, nn.AdaptiveAvgPool2d) and model.pool.output_size in (1, (1, 1))
-            and _blocks(model.stages[-1]) is not None)
+    """True for a :class:`Classifier` in train mode whose last stage is made of plain ResNet blocks."""
+    return (isinstance(model, Classifier) and model.training and _is(model.pool, nn.AdaptiveAvgPool2d)
+            and model.pool.output_size in (1, (1, 1)) and _blocks(model.stages[-1]) is not None)
 
 
 def recorded_top(model: nn.Module, trunk: torch.Tensor, text: torch.Tensor | None = None) -> tuple[torch.Tensor, Tape]:
@@ -250,11 +253,13 @@ def _linear_backward(layer: nn.Linear, x: torch.Tensor, g: torch.Tensor, meta_lr
                  _updated(layer.bias, g.sum(1), meta_lr)]
 
 
-def meta_backward(model: nn.Module, tape: Tape, cotangents: torch.Tensor, meta_lr: float) -> None:
+def meta_backward(model: nn.Module, tape: Tape, cotangents: torch.Tensor, meta_lr: float,
+                  trunk_gradient: bool = False) -> torch.Tensor | None:
     """Eq. 1 for every m at once: theta_m = theta - alpha grad L_C(y_hat, y_m) for the last stage and text layers.
 
     ``cotangents`` (B, M, N): dL_C(y_hat, y_m)/dz = (sigmoid(z) - y_m) / (B N). The head is not
-    updated here: the meta forwards stop at the features.
+    updated here: the meta forwards stop at the features. With ``trunk_gradient`` (full scope) returns
+    the M gradients at the trunk activation, (M, B, C, H, W), for the trunk's own vector-Jacobian products.
     """
     dtype = tape.blocks[-1].s.dtype
     c = cotangents.transpose(0, 1).to(dtype)  # (M, B, N)
@@ -270,13 +275,14 @@ def meta_backward(model: nn.Module, tape: Tape, cotangents: torch.Tensor, meta_l
     g = (g_f[..., :model.image_dim] / (last.shape[2] * last.shape[3]))[..., None, None]
     g = g.expand(*g.shape[:3], *last.shape[2:])
     for i in reversed(range(len(tape.blocks))):
-        block, need_input = tape.blocks[i], i > 0  # the first block's input is the (detached) trunk
+        block, need_input = tape.blocks[i], i > 0 or trunk_gradient
         g = g * (block.s > 0).to(dtype)
         g_main = g
         for j in reversed(range(len(block.main))):
             g_main = _unit_backward(block.main[j], g_main, meta_lr, need_input or j > 0)
         g_short = _unit_backward(block.shortcut, g, meta_lr, need_input) if block.shortcut is not None else g
         g = g_main + g_short if need_input else None
+    return g
 
 
 def _conv_forward(unit: Unit, a: torch.Tensor | None, meta_lr: float, m: int) -> torch.Tensor:
@@ -315,9 +321,14 @@ def _unit_forward(unit: Unit, a: torch.Tensor | None, meta_lr: float, m: int) ->
     return F.relu(y) if unit.relu else y
 
 
-def meta_forward(model: nn.Module, tape: Tape, meta_lr: float, m: int) -> torch.Tensor:
-    """F_m for every m, (B, M, D): features under theta_m from the trunk activation (after :func:`meta_backward`)."""
-    a = None
+def meta_forward(model: nn.Module, tape: Tape, meta_lr: float, m: int,
+                 trunk_m: torch.Tensor | None = None) -> torch.Tensor:
+    """F_m for every m, (B, M, D): features under theta_m (after :func:`meta_backward`).
+
+    ``trunk_m``: the trunk activation under each theta_m, (M, B, C, H, W) (full scope); None: the
+    forward's own trunk activation, shared by every m (partial scope).
+    """
+    a = trunk_m
     for block in tape.blocks:
         out = a
         for unit in block.main:
@@ -336,8 +347,3 @@ def meta_forward(model: nn.Module, tape: Tape, meta_lr: float, m: int) -> torch.
     return features.transpose(0, 1)
 
 
-def meta_features(model: nn.Module, tape: Tape, cotangents: torch.Tensor, meta_lr: float) -> torch.Tensor:
-    """F_m (B, M, D), detached: :func:`meta_backward` then :func:`meta_forward` (Eq. 1, then the meta forwards)."""
-    with torch.no_grad():
-        meta_backward(model, tape, cotangents, meta_lr)
-        return meta_forward(model, tape, meta_lr, cotangents.shape[1])

@@ -165,8 +165,11 @@ class Classifier(nn.Module):
         return self.top(self.trunk(x), text)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor | None = None, features_only: bool = False,
-                from_trunk: bool = False) -> torch.Tensor:
-        """Logits (B, N), or F (B, D) with ``features_only``; ``from_trunk``: ``x`` is a trunk activation."""
+                from_trunk: bool = False, trunk_only: bool = False) -> torch.Tensor:
+        """Logits (B, N), or F (B, D) with ``features_only``, or the trunk activation with ``trunk_only``;
+        ``from_trunk``: ``x`` is a trunk activation."""
+        if trunk_only:
+            return self.trunk(x)
         f = self.top(x, text) if from_trunk else self.features(x, text)
         return f if features_only else self.head(f)
 
