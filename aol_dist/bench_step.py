@@ -2,9 +2,11 @@
 
 Variants, all on the same model, batch and machine: ``plain`` (one BCE step on one label set),
 ``reference`` (the attention-on-label step that reads like Algorithm 1), ``fast`` (the fast path,
-proven equal by the tests) and ``partial`` (fast path, partial meta scope). The variants are timed
-round-robin, one step each per round, and the median is reported, so a drift of the machine's speed
-hits every variant alike. Memory: on CUDA the peak allocated memory of a step; on the CPU the bytes
+proven equal by the tests), ``fast_autograd`` (the fast path with ``method.batched_last_stage = false``:
+autograd per label set for the last stage too, what non-ResNet backbones get) and ``partial`` (fast
+path, partial meta scope). The variants are timed round-robin, one step each per round; the seconds
+are medians over rounds, and each ratio is the median over rounds of the variant's time over the plain
+step's in the same round, so a drift of the machine's speed hits every variant alike. Memory: on CUDA the peak allocated memory of a step; on the CPU the bytes
 of activations kept for the backward pass (what gradient checkpointing saves), with and without
 checkpointing.
 """
@@ -25,7 +27,7 @@ from aol_dist.method.baselines import plain_step
 from aol_dist.model.attention import LabelAttention
 from aol_dist.model.backbone import Classifier
 
-VARIANTS = ("plain", "reference", "fast", "partial")
+VARIANTS = ("plain", "reference", "fast", "fast_autograd", "partial")
 
 
 def _build(args: argparse.Namespace, device: torch.device, checkpointing: bool = False):
@@ -44,7 +46,7 @@ def _step_fn(variant: str, args: argparse.Namespace, device: torch.device, check
     if args.channels_last:
         x = x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (args.batch, args.label_sets, args.findings), generator=g).float().to(device)
-    hp = {"reference": AolHyper(fast=False), "fast": AolHyper(fast=True),
+    hp = {"reference": AolHyper(fast=False), "fast": AolHyper(fast=True), "fast_autograd": AolHyper(batched=False),
           "partial": AolHyper(fast=True, scope="partial")}.get(variant)
 
     def step():
@@ -60,7 +62,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_variants(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def time_variants(args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per step of every variant, one list entry per round (the variants take turns within a round)."""
     steps = {v: _step_fn(v, args, device) for v in VARIANTS}
     for fn in steps.values():
         for _ in range(args.warmup):
@@ -73,7 +76,7 @@ def time_variants(args: argparse.Namespace, device: torch.device) -> dict[str, f
             fn()
             _sync(device)
             times[v].append(time.perf_counter() - t0)
-    return {v: statistics.median(t) for v, t in times.items()}
+    return times
 
 
 def step_memory(args: argparse.Namespace, device: torch.device, variant: str, checkpointing: bool) -> int:
@@ -107,9 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    seconds = time_variants(args, device)
-    result: dict[str, Any] = {f"{v}_s": seconds[v] for v in VARIANTS}
-    result.update({f"{v}_ratio": seconds[v] / seconds["plain"] for v in VARIANTS})
+    times = time_variants(args, device)
+    result: dict[str, Any] = {f"{v}_s": statistics.median(times[v]) for v in VARIANTS}
+    # ratio: the median over rounds of the variant's time over the plain step's in the same round, so a
+    # change of the machine's speed between rounds cancels out
+    result.update({f"{v}_ratio": statistics.median(t / p for t, p in zip(times[v], times["plain"]))
+                   for v in VARIANTS})
     kind = "peak_cuda_bytes" if device.type == "cuda" else "activation_bytes"
     result[f"{kind}_reference"] = step_memory(args, device, "reference", False)
     result[f"{kind}_reference_checkpointed"] = step_memory(args, device, "reference", True)

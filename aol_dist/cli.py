@@ -185,7 +185,7 @@ def _add_bench_loader(bench: argparse._SubParsersAction) -> None:
 def _add_bench_step(bench: argparse._SubParsersAction) -> None:
     from aol_dist import bench_step
 
-    step = bench.add_parser("step", help="seconds per step: plain, reference, fast, partial scope; ratios to plain")
+    step = bench.add_parser("step", help="seconds per step of plain, reference, fast, fast_autograd, partial; ratios to plain")
     bench_step.add_arguments(step)
     step.set_defaults(func=bench_step.main)
 

@@ -84,6 +84,9 @@ class MethodConfig:
     meta forwards from the cached activation before the last stage (an approximation, cheaper)."""
     fast: bool = True
     """Fast meta step (proven equal to the reference by the tests); false = the reference, reads like Alg. 1."""
+    batched_last_stage: bool = True
+    """Within the fast step, the last stage's M meta-gradients and meta forwards as one hand-written pass
+    batched over the label sets (ResNet-block backbones; method/last_stage.py); false: autograd per label set."""
     cm_lambda: float = 0.01
     """Weight of the mean-trace regulariser of the CM baseline (paper 002, Eq. 4)."""
 

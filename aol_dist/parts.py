@@ -103,8 +103,7 @@ def _make_step(parts: Parts, config: Config) -> Step:
     mc = config.method
     model, labels_of = parts.model, (lambda batch: batch["labels"])
     if mc.name == "aol":
-        hp = AolHyper(meta_lr=mc.meta_lr, k=mc.k, threshold=mc.threshold, combine=mc.combine,
-                      scope=mc.meta_scope, fast=mc.fast)
+        hp = AolHyper.from_method(mc)
 
         def step(batch, average):
             return aol_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],

@@ -136,9 +136,7 @@ def maybe_deepspeed(parts: Any, config: Config, world: D.World):
     if config.train.nan_policy == "skip":
         raise ValueError("train.nan_policy = skip is not available under DeepSpeed (ZeRO keeps the reduced "
                          "gradients in its own buffers); use nan_policy = stop")
-    mc = config.method
-    hp = AolHyper(meta_lr=mc.meta_lr, k=mc.k, threshold=mc.threshold, combine=mc.combine, scope=mc.meta_scope,
-                  fast=mc.fast)
+    hp = AolHyper.from_method(config.method)
     engine = build_engine(parts.model, parts.attention, parts.optimizer, parts.attention_optimizer, hp,
                           read_deepspeed_config(path, config.data.batch_size))
     parts.step = make_step(engine, parts.text)

@@ -1,4 +1,4 @@
-"""`aol bench step --json` prints the four timings and the memory with and without checkpointing."""
+"""`aol bench step --json` prints the five timings and the memory with and without checkpointing."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ def test_bench_step_json_on_a_tiny_config():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    for key in ("plain_s", "reference_s", "fast_s", "partial_s"):
+    for key in ("plain_s", "reference_s", "fast_s", "fast_autograd_s", "partial_s"):
         assert result[key] > 0
     assert result["plain_ratio"] == 1.0
     # checkpointing keeps only stage inputs for backward

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from aol_dist.method import last_stage
 from aol_dist.method.aol import AolHyper, aol_step
 from aol_dist.model.attention import LabelAttention
 from aol_dist.model.backbone import Classifier
@@ -59,6 +60,19 @@ def test_autograd_fast_path_equals_reference(scope, monkeypatch, tiny_bert):
     fast = run_steps(AolHyper(fast=True, k=5.0, scope=scope), encoder, per_finding=True)
     assert_same(ref[0], fast[0])
     assert_same(ref[1], fast[1])
+
+
+def test_batched_last_stage_follows_the_config(monkeypatch):
+    from aol_dist.config import load_config
+
+    calls = []
+    real = last_stage.recorded_top
+    monkeypatch.setattr(last_stage, "recorded_top", lambda *a: calls.append(1) or real(*a))
+    for setting, used in (("true", True), ("false", False)):
+        hp = AolHyper.from_method(load_config(None, [f"method.batched_last_stage={setting}", "method.k=5"]).method)
+        calls.clear()
+        run_steps(hp, steps=1)
+        assert bool(calls) == used
 
 
 def test_partial_scope_differs_from_full():

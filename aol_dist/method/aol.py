@@ -45,7 +45,15 @@ class AolHyper:
     and head, with the meta forwards starting from the activation before the last stage (an
     approximation of the paper's method, cheaper by roughly the share of the trunk)."""
     fast: bool = True
-    """Use ``meta_features_fast`` (same numbers as the reference, less work)."""
+    """Use the fast path (same numbers as the reference, less work)."""
+    batched: bool = True
+    """In the fast path, use ``meta_features_batched`` where ``last_stage.supported``, else ``meta_features_fast``."""
+
+    @classmethod
+    def from_method(cls, mc) -> "AolHyper":
+        """From a run config's ``method`` section (config.MethodConfig)."""
+        return cls(meta_lr=mc.meta_lr, k=mc.k, threshold=mc.threshold, combine=mc.combine, scope=mc.meta_scope,
+                   fast=mc.fast, batched=mc.batched_last_stage)
 
 
 def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -161,7 +169,7 @@ def aol_loss(model: nn.Module, attention: LabelAttention, x: torch.Tensor, label
              text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """L_C(y_hat, y_tilde) of one batch and the attention weights; backward gives Eq. 4 and Eq. 5 gradients."""
     trunk = model.trunk(x)
-    if hp.fast and last_stage.supported(model):
+    if hp.fast and hp.batched and last_stage.supported(model):
         logits, tape = last_stage.recorded_top(model, trunk, text)
         features = meta_features_batched(model, x, trunk, tape, bce_cotangents(logits, labels), hp.meta_lr, hp.scope)
     else:
