@@ -82,7 +82,7 @@ class Block:
 
 @dataclass
 class Tape:
-    """The recorded forward of the last stage and the head (what :func:`meta_gradients` reads)."""
+    """The recorded forward of the last stage and the head (read by :func:`meta_backward`, :func:`meta_forward`)."""
 
     blocks: list[Block]
     features: torch.Tensor | None = None
