@@ -32,9 +32,14 @@ def test_rerun_skips_finished_shards_and_redoes_unrecorded_ones(tmp_path):
     first = (tmp_path / "train-000001.tar").read_bytes()
     os.remove(tmp_path / "train-000001.tar.json")  # as if killed between the shard's rename and its record
     mtime0 = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    # temporary files of writers killed in the first run: of a shard, and of a record (killed before its rename)
+    stale = [tmp_path / ".train-000001.tar.tmp4242", tmp_path / ".train-000000.tar.json.tmp4243"]
+    for p in stale:
+        p.write_bytes(b"partial")
     write_fake_shards(tmp_path, {"train": [5, 4]})
     assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == mtime0
     assert (tmp_path / "train-000001.tar").read_bytes() == first  # deterministic bytes
+    assert not any(p.exists() for p in stale)
 
 
 def test_sigkill_mid_write_leaves_no_shard_under_its_final_name(tmp_path):

@@ -260,6 +260,10 @@ def write_split(out_dir: str | Path, jobs: Sequence[ShardJob], make_sample: Call
     else:
         for job in todo:
             records[job.name] = write_shard(out_dir, job, make_sample)
+    for job in jobs:  # temporary files (shard or record) of writers killed in an earlier run: now finished
+        for pattern in (f".{job.name}.tmp*", f".{job.name}.json.tmp*"):
+            for stale in out_dir.glob(pattern):
+                stale.unlink(missing_ok=True)
     return [records[j.name] for j in jobs], reused
 
 

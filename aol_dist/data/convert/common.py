@@ -106,9 +106,6 @@ def write_splits(out: str | Path, items: dict[str, Sequence[Any]], make_sample: 
         jobs = shards.plan_jobs(split, list(split_items), samples_per_shard)
         records[split], r = shards.write_split(out, jobs, make_sample, workers)
         reused += r
-        for job in jobs:  # temporary files of writers killed in an earlier run: their shard is now finished
-            for stale in out.glob(f".{job.name}.tmp*"):
-                stale.unlink(missing_ok=True)
     return records, reused
 
 
