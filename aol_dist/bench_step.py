@@ -117,8 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result.update({f"{v}_ratio": statistics.median(t / p for t, p in zip(times[v], times["plain"]))
                    for v in VARIANTS})
     kind = "peak_cuda_bytes" if device.type == "cuda" else "activation_bytes"
-    result[f"{kind}_reference"] = step_memory(args, device, "reference", False)
-    result[f"{kind}_reference_checkpointed"] = step_memory(args, device, "reference", True)
+    for variant in ("reference", "fast"):
+        result[f"{kind}_{variant}"] = step_memory(args, device, variant, False)
+        result[f"{kind}_{variant}_checkpointed"] = step_memory(args, device, variant, True)
     result["config"] = {k: getattr(args, k) for k in ("arch", "size", "batch", "label_sets", "findings", "bf16",
                                                        "channels_last", "device", "repeats", "warmup")}
     result["config"]["threads"] = torch.get_num_threads()
@@ -160,6 +161,6 @@ def main(args: argparse.Namespace) -> int:
     console = make_console()
     console.print(table)
     for k, v in result.items():
-        if k.endswith("bytes_reference") or k.endswith("checkpointed"):
+        if "_bytes_" in k:
             console.print(f"{k}: {v / 2**20:.1f} MiB")
     return 0

@@ -16,3 +16,4 @@ def test_bench_step_json_on_a_tiny_config():
     assert result["plain_ratio"] == 1.0
     # checkpointing keeps only stage inputs for backward
     assert result["activation_bytes_reference_checkpointed"] < result["activation_bytes_reference"]
+    assert result["activation_bytes_fast_checkpointed"] < result["activation_bytes_fast"]
