@@ -6,9 +6,9 @@ proven equal by the tests), ``fast_autograd`` (the fast path with ``method.batch
 autograd per label set for the last stage too, what non-ResNet backbones get) and ``partial`` (fast
 path, partial meta scope). The variants are timed round-robin, one step each per round; the seconds
 are medians over rounds, and each ratio is the median over rounds of the variant's time over the plain
-step's in the same round, so a drift of the machine's speed hits every variant alike. Memory: on CUDA the peak allocated memory of a step; on the CPU the bytes
-of activations kept for the backward pass (what gradient checkpointing saves), with and without
-checkpointing.
+step's in the same round, so a drift of the machine's speed hits every variant alike. Memory, of the
+reference and the fast step, with and without checkpointing: on CUDA the peak allocated memory of a
+step; on the CPU the bytes of activations kept for the backward pass (what checkpointing saves).
 """
 
 from __future__ import annotations

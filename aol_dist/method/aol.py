@@ -65,9 +65,22 @@ def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _scoped(model: nn.Module, scope: str) -> tuple[list[str], list[torch.Tensor]]:
-    wanted = set(model.last_stage_parameters()) if scope == "partial" else None
-    pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad and (wanted is None or n in wanted)]
+    """Trainable parameters, with names: all (``full``), the last stage, text layers and head (``partial``),
+    or all but those (``trunk``)."""
+    top = set(model.last_stage_parameters()) if scope != "full" else set()
+    pairs = [(n, p) for n, p in model.named_parameters()
+             if p.requires_grad and (scope == "full" or (n in top) == (scope == "partial"))]
     return [n for n, _ in pairs], [p for _, p in pairs]
+
+
+def _meta_update(detached: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...],
+                 meta_lr: float) -> list[torch.Tensor]:
+    """theta_m = theta - alpha grad (Eq. 1), written into the fresh gradient buffers: no second
+    parameter-sized allocation. A parameter the loss does not reach keeps its value."""
+    theta_m = [torch.zeros_like(p) if g is None else g for p, g in zip(detached, grads)]
+    torch._foreach_mul_(theta_m, -meta_lr)
+    torch._foreach_add_(theta_m, detached)
+    return theta_m
 
 
 def _meta_input(x: torch.Tensor, trunk: torch.Tensor, scope: str) -> tuple[torch.Tensor, bool]:
@@ -118,10 +131,7 @@ def meta_features_fast(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, l
     for m in range(labels.shape[1]):
         # outside batch_statistics_only: a checkpointed stage recomputes its forward in here
         grads = torch.autograd.grad(logits, params, cotangents[:, m], retain_graph=True, allow_unused=True)
-        theta_m = [torch.zeros_like(p) if g is None else g for p, g in zip(detached, grads)]
-        # theta - alpha g, written into the fresh gradient buffers: no second parameter-sized allocation
-        torch._foreach_mul_(theta_m, -meta_lr)
-        torch._foreach_add_(theta_m, detached)
+        theta_m = _meta_update(detached, grads, meta_lr)
         with torch.no_grad(), batch_statistics_only(model):
             features.append(functional_call(model, dict(zip(names, theta_m)), (inputs,),
                                             {"text": text, "features_only": True, "from_trunk": from_trunk}))
@@ -142,14 +152,12 @@ def meta_features_batched(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor
         g_trunk = last_stage.meta_backward(model, tape, cotangents, meta_lr, trunk_gradient=scope == "full")
     trunk_m = None
     if scope == "full":
-        top = set(model.last_stage_parameters())
-        pairs = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n not in top]
-        names, params = [n for n, _ in pairs], [p for _, p in pairs]
+        names, params = _scoped(model, "trunk")
+        detached = [p.detach() for p in params]
         outputs = []
         for m in range(num_sets):
             grads = torch.autograd.grad(trunk, params, g_trunk[m], retain_graph=True, allow_unused=True)
-            theta_m = {n: p.detach() if g is None else torch.add(p.detach(), g, alpha=-meta_lr)
-                       for n, p, g in zip(names, params, grads)}
+            theta_m = dict(zip(names, _meta_update(detached, grads, meta_lr)))
             with torch.no_grad(), batch_statistics_only(model):
                 outputs.append(functional_call(model, theta_m, (x,), {"trunk_only": True}))
         trunk_m = torch.stack(outputs)

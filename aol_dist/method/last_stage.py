@@ -188,9 +188,14 @@ def _im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
 
 
+def _statistics_precision(h: torch.Tensor) -> torch.Tensor:
+    """``h`` in at least float32: batch statistics of half-precision activations are taken in float32."""
+    return h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+
+
 def _norm_backward(unit: Unit, g: torch.Tensor, meta_lr: float) -> torch.Tensor:
     """Batch norm in train mode, for the M stacked output gradients g (M, B, C, H, W); sets gamma_m, beta_m."""
-    h = unit.h.detach().float() if unit.h.dtype in (torch.float16, torch.bfloat16) else unit.h.detach()
+    h = _statistics_precision(unit.h.detach())
     dims = (0, 2, 3)
     mean = h.mean(dims, keepdim=True)
     inv_std = torch.rsqrt(h.var(dims, unbiased=False, keepdim=True) + unit.norm.eps)
@@ -309,7 +314,7 @@ def _conv_forward(unit: Unit, a: torch.Tensor | None, meta_lr: float, m: int) ->
 
 def _norm_forward(unit: Unit, h: torch.Tensor) -> torch.Tensor:
     """Batch norm with each label set's own batch statistics and gamma_m, beta_m; running statistics untouched."""
-    work = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+    work = _statistics_precision(h)
     mean = work.mean((1, 3, 4), keepdim=True)
     inv_std = torch.rsqrt(work.var((1, 3, 4), unbiased=False, keepdim=True) + unit.norm.eps)
     y = (work - mean) * inv_std * unit.gamma_m[:, None, :, None, None] + unit.beta_m[:, None, :, None, None]
