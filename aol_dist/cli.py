@@ -66,7 +66,25 @@ def _shards_inspect(args: argparse.Namespace) -> int:
         console.print(table)
         if s["agreement"]:
             console.print("agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in s["agreement"].items()))
+        if s.get("per_image"):  # multi-class data: the class of each image, not entry by entry
+            console.print(_per_image_table(split, s["per_image"]))
     return 0
+
+
+def _per_image_table(split: str, per_image: dict):
+    from rich.table import Table
+
+    noise = per_image.get("noise_vs_truth", {})
+    table = Table(title=f"{split}: per image (class != true class)")
+    table.add_column("label set(s)")
+    table.add_column("noise vs truth", justify="right")
+    table.add_column("agreement", justify="right")
+    for name, rate in noise.items():
+        table.add_row(name, f"{rate:.3f}", "")
+    for pair, rate in per_image["agreement"].items():
+        table.add_row(pair, "", f"{rate:.3f}")
+    table.add_row("all label sets", "", f"{per_image['all_agree']:.3f}", style="bold")
+    return table
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -97,7 +115,8 @@ def _eval(args: argparse.Namespace) -> int:
     parts.model.load_state_dict(checkpoint["model"])
     for split in args.split:
         stream = EvalStream(split_shards(shard_dir, manifest, split), world.rank, world.world_size, args.batch_size, index)
-        result = evaluate(parts.model, make_loader(stream, 0), names, manifest["findings"], world, parts.predict)
+        result = evaluate(parts.model, make_loader(stream, 0), names, manifest["findings"], world, parts.predict,
+                          label_kind=parts.label_kind)
         if world.is_main:
             from aol_dist.report import make_console
 

@@ -62,7 +62,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "aol"
-    """aol (attention-on-label), single (plain BCE on ``single_label_set``), majority, soft_average, cm (paper 002)."""
+    """aol (attention-on-label), single (plain BCE on ``single_label_set``), majority, soft_average, cm (paper 002),
+    truth (trains on the split's truth vector: the ceiling)."""
     meta_lr: float = 0.2
     """alpha of Eq. 1: step size of the per-label-set meta update."""
     lr: float = 1e-4
@@ -87,15 +88,50 @@ class MethodConfig:
     batched_last_stage: bool = True
     """Within the fast step, the last stage's M meta-gradients and meta forwards as one hand-written pass
     batched over the label sets (ResNet-block backbones; method/last_stage.py); false: autograd per label set."""
+    trust: str = "posterior"
+    """What trains the weights over the label sets (method aol). posterior (default): an annotator model trained
+    jointly with the classifier by the likelihood of the labels; the weights are each set's posterior probability
+    of being right about this sample and finding, the target is the posterior of the truth (method/trust.py,
+    docs/quality.md). attention: the paper's Eq. 2-5, trained by the outer loss through Eq. 3 (configs/paper.toml)."""
+    annotator: str = "auto"
+    """trust = posterior: joint (per finding a distribution over the 2^M label patterns given the truth: no
+    independence between label sets), independent (Dawid-Skene confusion per set), auto (joint for multi-label
+    data with M <= 8, independent otherwise)."""
+    trust_input: str = "features"
+    """trust = posterior: what the per-sample head sees: features (the image features), meta (the meta
+    features F_m of Eq. 1: costs the meta step), none (one global annotator model)."""
+    trust_lr: float = 5e-2
+    """trust = posterior: Adam learning rate of the annotator model and its per-sample head."""
     cm_lambda: float = 0.01
     """Weight of the mean-trace regulariser of the CM baseline (paper 002, Eq. 4)."""
+    loss: str = "auto"
+    """Loss of single, majority, soft_average, truth and cm: "softmax" (cross-entropy with soft targets over
+    the classes; CM with a K x K matrix per label set), "bce" (each finding or class a yes/no: on multi-class
+    shards the paper's one-hot BCE, Sec. 3.1; CM with a 2 x 2 matrix per label set and finding), or "auto":
+    softmax on multi-class shards (manifest ``label_kind``), bce otherwise. Method aol with trust =
+    attention trains with the paper's one-hot BCE (softmax refused); trust = posterior needs no choice."""
+    cm_lr: float = 1e-2
+    """Adam learning rate of CM's confusion matrices, a parameter group of their own: at the classifier's rate
+    they hardly leave the identity. With 1e-2 a controlled problem (tests/test_multiclass.py) recovers flip
+    rates of 0.1 and 0.3 within 0.05: K x K matrices in about 400 steps, 2 x 2 per finding in about 1,500."""
 
     def validate(self) -> None:
-        _require(self.name in ("aol", "single", "majority", "soft_average", "cm"), f"method.name unknown: {self.name!r}")
+        _require(self.name in ("aol", "single", "majority", "soft_average", "cm", "truth"), f"method.name unknown: {self.name!r}")
         _require(self.meta_scope in ("full", "partial"), f"method.meta_scope must be full or partial, got {self.meta_scope!r}")
         _require(self.cm_lambda >= 0, "method.cm_lambda must be >= 0")
+        _require(self.loss in ("auto", "softmax", "bce"), f"method.loss must be auto, softmax or bce, got {self.loss!r}")
+        _require(self.cm_lr > 0, "method.cm_lr must be > 0")
+        _require(not (self.name == "aol" and self.trust == "attention" and self.loss == "softmax"),
+                 "method.loss = softmax: the paper's attention (method.trust = attention) trains with its one-hot "
+                 "BCE (Sec. 3.1); use method.loss = auto or bce")
         _require(self.combine in ("text", "listing"), f"method.combine must be text or listing, got {self.combine!r}")
         _require(self.attention in ("per_set", "per_finding"), f"method.attention unknown: {self.attention!r}")
+        _require(self.trust in ("posterior", "attention"), f"method.trust must be posterior or attention, got {self.trust!r}")
+        _require(self.annotator in ("auto", "joint", "independent"),
+                 f"method.annotator must be auto, joint or independent, got {self.annotator!r}")
+        _require(self.trust_input in ("features", "meta", "none"),
+                 f"method.trust_input must be features, meta or none, got {self.trust_input!r}")
+        _require(self.trust_lr > 0, "method.trust_lr must be > 0")
         _require(self.meta_lr > 0 and self.lr > 0 and self.attention_lr >= 0, "learning rates must be positive")
         _require(self.k > 0, "method.k must be > 0")
 
@@ -173,6 +209,8 @@ class Config:
     def validate(self) -> "Config":
         for f in fields(self):
             getattr(self, f.name).validate()
+        if self.data.label_sets:  # M known here; else parts.build_parts checks against the shards' label sets
+            check_listing_threshold(self.method, len(self.data.label_sets))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +219,18 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+def check_listing_threshold(method: MethodConfig, num_label_sets: int) -> None:
+    """Refuse ``combine = listing`` with a threshold it cannot reach: the mean over m gives
+    y_bar = mean_m w_m y_m <= 1/M, so with T >= 1/M every binarized target of Eq. 3 is about 0."""
+    if method.name != "aol" or method.trust != "attention":  # combine and threshold belong to the paper's attention
+        return
+    if method.combine == "listing" and num_label_sets and method.threshold >= 1.0 / num_label_sets:
+        raise ConfigError(f"method.combine = listing with method.threshold = {method.threshold:g} and M = "
+                          f"{num_label_sets} label sets: the listing's mean over m gives y_bar <= 1/M = "
+                          f"{1.0 / num_label_sets:.3g}, so every binarized target is about 0; set method.threshold "
+                          f"below 1/M (Listing 1 uses 0.1) or method.combine = text")
 
 
 def _require(ok: bool, message: str) -> None:

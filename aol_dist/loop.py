@@ -18,10 +18,11 @@ from aol_dist import checkpoint
 from aol_dist import dist as D
 from aol_dist.config import Config
 from aol_dist.data.convert.tokenize import check_tokenizer
-from aol_dist.data.shards import atomic_write_text, read_manifest, split_shards
+from aol_dist.data.shards import atomic_write_text, label_kind, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
 from aol_dist.evaluate import evaluate, write_results
 from aol_dist.faults import StepGuard
+from aol_dist.method import diagnostics
 from aol_dist.parts import Parts, build_parts, resolve_label_sets
 from aol_dist.report import attention_table, auc_table, make_console
 from aol_dist.zero import maybe_deepspeed
@@ -76,13 +77,18 @@ class LoopState:
     def __init__(self, num_sets: int, num_findings: int, device: torch.device) -> None:
         self.step, self.skipped = 0, 0
         self.weight_sum = torch.zeros(num_sets, num_findings, dtype=torch.float64, device=device)
+        self.truth_hits = torch.zeros(num_sets + 1, num_findings, dtype=torch.float64, device=device)
+        """Per label set and finding, training entries that match the truth (where the split has it); last row: count."""
+        self.diag_width = len(diagnostics.SCALARS) + num_sets
         self.new_window()
 
     def new_window(self) -> None:
-        self.window = {"loss": 0.0, "n": 0, "wait": 0.0, "skipped": 0, "weights": torch.zeros_like(self.weight_sum)}
+        zeros = torch.zeros(self.diag_width, dtype=torch.float64, device=self.weight_sum.device)
+        self.window = {"loss": 0.0, "n": 0, "wait": 0.0, "skipped": 0, "weights": torch.zeros_like(self.weight_sum),
+                       "diag": zeros, "diag_n": zeros.clone()}
 
-    def add(self, out: dict[str, torch.Tensor], applied: bool) -> None:
-        """Count one step: its loss and attention weights, or a skip (nan_policy = skip)."""
+    def add(self, out: dict[str, torch.Tensor], applied: bool, diag: torch.Tensor | None = None) -> None:
+        """Count one step: its loss, attention weights and diagnostics, or a skip (nan_policy = skip)."""
         if not applied:
             self.skipped += 1
             self.window["skipped"] += 1
@@ -91,12 +97,21 @@ class LoopState:
         self.window["n"] += 1
         if "weights" in out:
             self.window["weights"] += out["weights"].double().mean(0).expand_as(self.weight_sum)  # (M, 1|N)
+        if "truth" in out:  # how accurate each label set really is, for the trust table (multi-label data)
+            self.truth_hits[:-1] += (out["labels"] == out["truth"].unsqueeze(1)).double().sum(0)
+            self.truth_hits[-1] += out["truth"].shape[0]
+        if diag is not None:
+            ok = torch.isfinite(diag)
+            self.window["diag"] += torch.where(ok, diag, 0).double()
+            self.window["diag_n"] += ok.double()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "skipped": self.skipped, "weight_sum": self.weight_sum, "window": dict(self.window)}
+        return {"step": self.step, "skipped": self.skipped, "weight_sum": self.weight_sum, "window": dict(self.window),
+                "truth_hits": self.truth_hits}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.skipped, self.weight_sum = state["step"], state["skipped"], state["weight_sum"]
+        self.truth_hits = state.get("truth_hits", self.truth_hits)
         self.window = dict(state["window"])
 
 
@@ -108,7 +123,8 @@ def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world
         stream = EvalStream(split_shards(config.data.shards, manifest, split), world.rank, world.world_size,
                             config.train.eval_batch_size, label_index)
         result = evaluate(parts.model, make_loader(stream, 0), parts.label_sets, parts.findings, world,
-                          predict=parts.predict, roc_thresholds=ROC_THRESHOLDS if config.train.plots else 0)
+                          predict=parts.predict, roc_thresholds=ROC_THRESHOLDS if config.train.plots else 0,
+                          label_kind=parts.label_kind)
         result["step"] = step
         roc = result.pop("roc", None)
         results[split] = result
@@ -146,6 +162,7 @@ def train(config: Config, world: D.World) -> Path:
         pending_rng = _resume(run.resume_from, parts, engine, optimizers, config, world, shard_ids, state)
     log = Log(work, world.is_main, tc.tensorboard, state.step, console)
     autocast = step_autocast(tc.precision, world.device)
+    multiclass = label_kind(manifest) == "multiclass"
     guard = StepGuard(parts.trainable(), list(parts.model.buffers()), world, tc.nan_policy, tc.max_skipped_steps,
                       tc.debug_fault)
     if console:
@@ -170,7 +187,10 @@ def train(config: Config, world: D.World) -> Path:
             with autocast:
                 out = parts.step(batch, guard)
             state.step += 1
-            state.add(out, guard.after(out, raw["key"]))
+            if "truth" in batch and not multiclass:
+                out = {**out, "labels": batch["labels"], "truth": batch["truth"]}
+            state.add(out, guard.after(out, raw["key"]),
+                      diagnostics.step_diagnostics(out, batch["labels"], batch.get("truth"), multiclass))
             step = state.step
             if step % tc.log_every == 0 or step == tc.steps:
                 state.weight_sum += state.window["weights"]
@@ -201,9 +221,11 @@ def _finish(config: Config, parts: Parts, manifest: dict[str, Any], world: D.Wor
     work = run.work
     run_evaluation(parts, config, manifest, world, work, state.step, console)
     D.all_reduce_sum(state.weight_sum, world)
+    D.all_reduce_sum(state.truth_hits, world)
     if world.is_main:
         applied = max(1, state.step - state.skipped)
-        attention = _write_attention(work, parts, state.weight_sum / (world.world_size * applied), config)
+        attention = _write_attention(work, parts, state.weight_sum / (world.world_size * applied), config,
+                                     state.truth_hits)
         if attention:
             console.print(attention_table(attention))
         if state.skipped:
@@ -249,9 +271,11 @@ def _log_window(log: Log, state: LoopState, epoch: int, parts: Parts, config: Co
     window = state.window
     stats = torch.tensor([window["loss"], window["n"], window["wait"], window["n"] + window["skipped"]],
                          dtype=torch.float64, device=world.device)
-    weights = window["weights"].clone()
+    weights, diag, diag_n = window["weights"].clone(), window["diag"].clone(), window["diag_n"].clone()
     D.all_reduce_sum(stats, world)
     D.all_reduce_sum(weights, world)
+    D.all_reduce_sum(diag, world)
+    D.all_reduce_sum(diag_n, world)
     n, steps = stats[1].item(), stats[3].item()  # summed over ranks
     speed = steps * config.data.batch_size / max(seconds, 1e-9)
     record = {
@@ -267,18 +291,24 @@ def _log_window(log: Log, state: LoopState, epoch: int, parts: Parts, config: Co
     if config.method.name == "aol" and n:
         mean = (weights / n).mean(1)  # over findings
         record["attention"] = dict(zip(parts.label_sets, [round(v, 5) for v in mean.tolist()]))
+    if diag_n.sum() > 0:
+        record["diagnostics"] = diagnostics.summarise(diag, diag_n, parts.label_sets)
     log.write(record)
     return speed
 
 
-def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, config: Config) -> dict[str, Any] | None:
+def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, config: Config,
+                     truth_hits: torch.Tensor) -> dict[str, Any] | None:
     """Mean learned attention weight per label set (and per finding) over training: who to believe."""
     if config.method.name != "aol":
         return None
     w = mean_weights.cpu()
-    record = {"label_sets": parts.label_sets, "mean": dict(zip(parts.label_sets, w.mean(1).tolist()))}
-    if config.method.attention == "per_finding":
-        record["per_finding"] = {f: dict(zip(parts.label_sets, w[:, j].tolist())) for j, f in enumerate(parts.findings)}
+    record = {"label_sets": parts.label_sets, "trust": config.method.trust,
+              "mean": dict(zip(parts.label_sets, w.mean(1).tolist())),
+              "per_finding": {f: dict(zip(parts.label_sets, w[:, j].tolist())) for j, f in enumerate(parts.findings)}}
+    if truth_hits[-1].min() > 0:  # the training split has truth: how accurate each set was on what we trained on
+        acc = (truth_hits[:-1] / truth_hits[-1]).cpu()
+        record["accuracy_vs_truth"] = {f: dict(zip(parts.label_sets, acc[:, j].tolist())) for j, f in enumerate(parts.findings)}
     atomic_write_text(run_dir / "attention.json", json.dumps(record, indent=1))
     return record
 

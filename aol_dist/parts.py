@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from aol_dist import dist as D
-from aol_dist.config import Config
+from aol_dist.config import Config, ConfigError, check_listing_threshold
+from aol_dist.data.shards import label_kind
 from aol_dist.method import baselines
-from aol_dist.method.aol import AolHyper, aol_step
+from aol_dist.method.aol import AolHyper, aol_step, bce
+from aol_dist.method.trust import LabelTrust, TrustHyper, trust_step
 from aol_dist.model.attention import LabelAttention
 from aol_dist.model.backbone import Classifier
 from aol_dist.model.text import ReportEncoder
@@ -28,16 +30,21 @@ class Parts:
     """Everything a step needs, built identically on every rank."""
 
     model: Classifier
-    attention: LabelAttention
+    attention: LabelAttention | LabelTrust
+    """The weights over the label sets: the paper's attention (Eq. 2) or the likelihood-trained trust (trust.py)."""
     optimizer: torch.optim.Optimizer
     attention_optimizer: torch.optim.Optimizer
     label_sets: list[str]
     findings: list[str]
     step: Step
-    cm: baselines.ConfusionMatrices | None = None
-    """Confusion matrices of the CM baseline (trained by ``optimizer`` with the model)."""
+    cm: baselines.ConfusionMatrices | baselines.ClassConfusionMatrices | None = None
+    """Confusion matrices of the CM baseline (trained by ``optimizer`` with the model, at ``method.cm_lr``)."""
     text_encoder: ReportEncoder | None = None
     """Frozen report encoder in image+text mode (not trained, not checkpointed)."""
+    label_kind: str = "multilabel"
+    """The shards' ``label_kind``: multilabel, or multiclass (the findings are classes, label sets one-hot)."""
+    loss: str = "bce"
+    """``method.loss`` resolved for the shards, bce or softmax: what the baselines train with."""
 
     def modules(self) -> dict[str, nn.Module]:
         """The trained modules by name (what a checkpoint holds)."""
@@ -80,21 +87,30 @@ def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Par
     label_sets, _ = resolve_label_sets(config, manifest)
     findings = list(manifest["findings"])
     mc = config.method
+    check_listing_threshold(mc, len(label_sets))
+    kind = label_kind(manifest)
+    loss = baselines.resolve_loss(mc.loss, kind)
     torch.manual_seed(config.train.seed)  # identical init on every rank; the broadcast below makes it certain
     encoder = ReportEncoder(config.model.text_encoder).to(world.device) if config.model.text_encoder else None
     model = Classifier(config.model.arch, len(findings), config.model.pretrained,
                        text_dim=encoder.out_dim if encoder else 0,
                        checkpointing=config.model.checkpointing).to(world.device)
-    attention = LabelAttention(model.feature_dim, len(label_sets), len(findings),
-                               per_finding=mc.attention == "per_finding").to(world.device)
-    cm = baselines.ConfusionMatrices(len(label_sets), len(findings)).to(world.device) if mc.name == "cm" else None
+    attention = _label_attention(config, manifest, model.feature_dim, len(label_sets), len(findings)).to(world.device)
+    cm = None
+    if mc.name == "cm":  # K x K per label set under softmax (multi-class), else 2 x 2 per label set and finding
+        matrices = baselines.ClassConfusionMatrices if loss == "softmax" else baselines.ConfusionMatrices
+        cm = matrices(len(label_sets), len(findings)).to(world.device)
     for module in (model, attention, cm):
         if module is not None:
             D.broadcast_parameters(module, world)
-    optimizer = torch.optim.Adam(list(model.parameters()) + (list(cm.parameters()) if cm else []), lr=mc.lr)
-    attention_optimizer = torch.optim.SGD(attention.parameters(), lr=mc.attention_lr)
+    groups = [{"params": list(model.parameters())}]
+    if cm is not None:  # the confusion matrices learn at their own rate
+        groups.append({"params": list(cm.parameters()), "lr": mc.cm_lr})
+    optimizer = torch.optim.Adam(groups, lr=mc.lr)
+    attention_optimizer = (torch.optim.Adam(attention.parameters(), lr=mc.trust_lr) if isinstance(attention, LabelTrust)
+                           else torch.optim.SGD(attention.parameters(), lr=mc.attention_lr))
     parts = Parts(model, attention, optimizer, attention_optimizer, label_sets, findings, step=None,  # type: ignore[arg-type]
-                  cm=cm, text_encoder=encoder)
+                  cm=cm, text_encoder=encoder, label_kind=kind, loss=loss)
     parts.step = _make_step(parts, config)
     return parts
 
@@ -102,6 +118,13 @@ def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Par
 def _make_step(parts: Parts, config: Config) -> Step:
     mc = config.method
     model, labels_of = parts.model, (lambda batch: batch["labels"])
+    if mc.name == "aol" and isinstance(parts.attention, LabelTrust):
+        trust_hp = TrustHyper(mc.annotator, mc.trust_input, mc.meta_lr, mc.meta_scope)
+
+        def step(batch, average):
+            return trust_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],
+                              labels_of(batch), trust_hp, average, parts.text(batch), mc.fast)
+        return step
     if mc.name == "aol":
         hp = AolHyper.from_method(mc)
 
@@ -114,6 +137,14 @@ def _make_step(parts: Parts, config: Config) -> Step:
             return baselines.cm_step(model, parts.cm, parts.optimizer, batch["image"], labels_of(batch),
                                      mc.cm_lambda, average, parts.text(batch))
         return step
+    loss_fn = baselines.soft_cross_entropy if parts.loss == "softmax" else bce
+    if mc.name == "truth":
+        where = f"{config.data.shards} split {config.data.train_split!r}"
+
+        def step(batch, average):
+            return baselines.plain_step(model, parts.optimizer, batch["image"], baselines.truth_target(batch, where),
+                                        average, parts.text(batch), loss_fn)
+        return step
     if mc.name == "single":
         name = mc.single_label_set or parts.label_sets[0]
         if name not in parts.label_sets:
@@ -121,9 +152,25 @@ def _make_step(parts: Parts, config: Config) -> Step:
         index = parts.label_sets.index(name)
         target = lambda y: baselines.single_target(y, index)  # noqa: E731
     else:
-        target = {"majority": baselines.majority_target, "soft_average": baselines.soft_average_target}[mc.name]
+        majority = baselines.plurality_target if parts.label_kind == "multiclass" else baselines.majority_target
+        target = {"majority": majority, "soft_average": baselines.soft_average_target}[mc.name]
 
     def step(batch, average):
         return baselines.plain_step(model, parts.optimizer, batch["image"], target(labels_of(batch)), average,
-                                    parts.text(batch))
+                                    parts.text(batch), loss_fn)
     return step
+
+
+def _label_attention(config: Config, manifest: dict[str, Any], feature_dim: int, num_sets: int,
+                     num_findings: int) -> LabelAttention | LabelTrust:
+    """The module that weighs the label sets: ``method.trust = posterior`` (method aol) or the paper's Eq. 2
+    (also built, unused, for the baselines, so every run's checkpoint has the same modules)."""
+    mc = config.method
+    if mc.name == "aol" and mc.trust == "posterior":
+        multiclass = label_kind(manifest) == "multiclass"
+        try:
+            return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, mc.trust_input)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return LabelAttention(feature_dim, num_sets, num_findings, per_finding=mc.attention == "per_finding")
+

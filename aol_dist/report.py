@@ -14,19 +14,48 @@ def make_console():
 
 
 def attention_table(record: dict[str, Any]):
-    """Mean attention weight per label set over training: which labeler the model trusts."""
+    """The learned trust: mean weight per label set over training, and per finding the set trusted most beside
+    the set that was most accurate against the truth (where the training split has truth)."""
+    from rich.console import Group
     from rich.table import Table
 
-    table = Table(title="learned attention: mean weight per label set over training")
+    table = Table(title="learned trust: mean weight per label set over training")
     table.add_column("label set")
     table.add_column("mean weight", justify="right")
     for name, w in sorted(record["mean"].items(), key=lambda kv: -kv[1]):
         table.add_row(name, f"{w:.3f}")
-    return table
+    accuracy = record.get("accuracy_vs_truth")
+    if not accuracy:
+        return table
+    rows = trust_vs_truth(record)
+    right = sum(r["right"] for r in rows)
+    detail = Table(title=f"trusted vs most accurate label set per finding (training split's truth): "
+                         f"right on {right} of {len(rows)} findings where the sets differ")
+    for column in ("finding", "trusted most", "weight", "most accurate", "accuracy", ""):
+        detail.add_column(column, justify="left" if column in ("finding", "trusted most", "most accurate") else "right")
+    for r in rows:
+        detail.add_row(r["finding"], r["trusted"], f"{r['weight']:.3f}", r["best"], f"{r['accuracy']:.3f}",
+                       "yes" if r["right"] else "[red]no[/]")
+    return Group(table, detail)
+
+
+def trust_vs_truth(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per finding where the label sets' accuracies differ: the most trusted set, the most accurate one, and
+    whether the trusted set is (within 0.001) as accurate as the best."""
+    rows = []
+    for finding, weights in record["per_finding"].items():
+        acc = record["accuracy_vs_truth"][finding]
+        if max(acc.values()) - min(acc.values()) < 1e-3:
+            continue  # a tie (e.g. No Finding): nothing to choose
+        trusted, best = max(weights, key=weights.get), max(acc, key=acc.get)
+        rows.append({"finding": finding, "trusted": trusted, "weight": weights[trusted], "best": best,
+                     "accuracy": acc[best], "right": acc[trusted] >= acc[best] - 1e-3})
+    return rows
 
 
 def compare_runs(runs: list[Any], split: str, target: str = "truth") -> dict[str, Any]:
-    """AUROC per finding of several finished runs against one target, side by side (Tables 3-7)."""
+    """AUROC per finding of several finished runs against one target, side by side (Tables 3-7), and the
+    top-1 accuracy of each run that has one (multi-class data)."""
     import json
     from pathlib import Path
 
@@ -42,12 +71,15 @@ def compare_runs(runs: list[Any], split: str, target: str = "truth") -> dict[str
             raise ValueError(f"{path}: findings differ from the first run's")
         findings = result["findings"]
         columns[Path(run).name] = {"auc": result["auc"][target], "mean": result["mean_auc"][target]}
+        if target in result.get("accuracy", {}):
+            columns[Path(run).name]["accuracy"] = result["accuracy"][target]
     return {"split": split, "target": target, "findings": findings, "runs": columns}
 
 
 def findings_table(title: str, findings: list[str], columns: dict[str, list[float]], means: dict[str, float],
-                   bold_best: bool = False):
-    """Findings as rows, one column of AUROCs per target or run, a mean row; n/a where undefined."""
+                   bold_best: bool = False, accuracy: dict[str, float] | None = None):
+    """Findings as rows, one column of AUROCs per target or run, a mean row; n/a where undefined.
+    ``accuracy`` (multi-class data): a last row of top-1 accuracy per column, "-" where a column has none."""
     import math
 
     from rich.table import Table
@@ -63,18 +95,26 @@ def findings_table(title: str, findings: list[str], columns: dict[str, list[floa
         table.add_row(f, *(f"[bold]{fmt(v)}[/]" if bold_best and v == best else fmt(v) for v in row))
     table.add_section()
     table.add_row("Mean", *(fmt(means[name]) for name in columns), style="bold")
+    if accuracy:
+        from aol_dist.evaluate import ACCURACY_ROW
+
+        table.add_row(ACCURACY_ROW, *(fmt(accuracy[name]) if name in accuracy else "-" for name in columns),
+                      style="bold")
     return table
 
 
 def auc_table(result: dict[str, Any], title: str):
-    """One evaluation: AUROC per finding against truth and each label set."""
-    return findings_table(f"{title} ({result['samples']} samples): AUROC per finding", result["findings"],
-                          result["auc"], result["mean_auc"])
+    """One evaluation: AUROC per finding against truth and each label set (and top-1 accuracy, multi-class)."""
+    what = "AUROC per class and top-1 accuracy" if "accuracy" in result else "AUROC per finding"
+    return findings_table(f"{title} ({result['samples']} samples): {what}", result["findings"],
+                          result["auc"], result["mean_auc"], accuracy=result.get("accuracy"))
 
 
 def compare_table(comparison: dict[str, Any]):
     """Several runs against one target, the best per finding in bold."""
     runs = comparison["runs"]
-    return findings_table(f"AUROC vs {comparison['target']} on {comparison['split']}", comparison["findings"],
+    accuracy = {r: v["accuracy"] for r, v in runs.items() if "accuracy" in v}
+    return findings_table(f"AUROC{' and top-1 accuracy' if accuracy else ''} vs {comparison['target']} on "
+                          f"{comparison['split']}", comparison["findings"],
                           {r: v["auc"] for r, v in runs.items()}, {r: v["mean"] for r, v in runs.items()},
-                          bold_best=True)
+                          bold_best=True, accuracy=accuracy)

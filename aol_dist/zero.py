@@ -31,6 +31,7 @@ from torch import nn
 from aol_dist import dist as D
 from aol_dist.config import Config
 from aol_dist.method.aol import AolHyper, aol_loss
+from aol_dist.method.trust import TrustHyper, trust_loss
 
 
 class JointOptimizer(torch.optim.Optimizer):
@@ -76,12 +77,15 @@ class JointOptimizer(torch.optim.Optimizer):
 class Objective(nn.Module):
     """The attention-on-label loss of a batch as a module's forward (what a DeepSpeed engine wraps)."""
 
-    def __init__(self, model: nn.Module, attention: nn.Module, hp: AolHyper) -> None:
+    def __init__(self, model: nn.Module, attention: nn.Module, hp: AolHyper | TrustHyper) -> None:
         super().__init__()
         self.model, self.attention, self.hp = model, attention, hp
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None = None):
-        loss, weights = aol_loss(self.model, self.attention, x, labels, self.hp, text)
+        if isinstance(self.hp, TrustHyper):  # method.trust = posterior
+            loss, _, weights = trust_loss(self.model, self.attention, x, labels, self.hp, text)
+        else:
+            loss, weights, _ = aol_loss(self.model, self.attention, x, labels, self.hp, text)
         return loss, weights.detach()  # no DeepSpeed hook on the weights: the loss is the only output
 
 
@@ -103,7 +107,7 @@ def read_deepspeed_config(path: str | Path, batch_size: int) -> dict[str, Any]:
 
 
 def build_engine(model: nn.Module, attention: nn.Module, optimizer: torch.optim.Optimizer,
-                 attention_optimizer: torch.optim.Optimizer, hp: AolHyper, ds_config: dict[str, Any]):
+                 attention_optimizer: torch.optim.Optimizer, hp: AolHyper | TrustHyper, ds_config: dict[str, Any]):
     """A DeepSpeed engine owning the classifier and attention updates (the process group must exist)."""
     import deepspeed
 
@@ -136,7 +140,9 @@ def maybe_deepspeed(parts: Any, config: Config, world: D.World):
     if config.train.nan_policy == "skip":
         raise ValueError("train.nan_policy = skip is not available under DeepSpeed (ZeRO keeps the reduced "
                          "gradients in its own buffers); use nan_policy = stop")
-    hp = AolHyper.from_method(config.method)
+    mc = config.method
+    hp = (TrustHyper(mc.annotator, mc.trust_input, mc.meta_lr, mc.meta_scope) if mc.trust == "posterior"
+          else AolHyper.from_method(mc))
     engine = build_engine(parts.model, parts.attention, parts.optimizer, parts.attention_optimizer, hp,
                           read_deepspeed_config(path, config.data.batch_size))
     parts.step = make_step(engine, parts.text)

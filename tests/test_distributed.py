@@ -60,7 +60,7 @@ def test_ranks_identical_and_equal_to_single_process_gradient_averaging(tmp_path
         for rank in range(2):
             m, a = copy.deepcopy(model), copy.deepcopy(attention)
             x, y = batch(rank, step)
-            loss, _ = aol_loss(m, a, x, y, HP)
+            loss, _, _ = aol_loss(m, a, x, y, HP)
             grads.append(torch.autograd.grad(loss, list(m.parameters()) + list(a.parameters())))
             buffers.append([b.clone() for b in m.buffers()])
         for p, g0, g1 in zip(list(model.parameters()) + list(attention.parameters()), *grads):

@@ -91,7 +91,7 @@ def test_a_crashed_run_leaves_no_directory_under_its_final_name(tmp_path, monkey
 
     monkeypatch.setattr("aol_dist.parts.aol_step", dying_step)
     config = config_from_dict({"data": {"shards": str(tmp_path / "shards"), "batch_size": 4, "num_workers": 0},
-                               "model": {"arch": "resnet_tiny"},
+                               "model": {"arch": "resnet_tiny"}, "method": {"trust": "attention"},
                                "train": {"steps": 3, "out_dir": str(tmp_path / "runs"), "run_name": "x"}})
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.train(config, World())

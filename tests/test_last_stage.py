@@ -59,6 +59,18 @@ def test_batched_meta_features_with_text_layers(low_rank, scope, monkeypatch, ti
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_batched_meta_features_channels_last(low_rank, monkeypatch):
+    # what `aol bench step --channels-last` runs on the GPU: weights not (C_out, K)-contiguous (the formed
+    # W_m once failed there with a view error)
+    monkeypatch.setattr(last_stage, "LOW_RANK", low_rank)
+    model, x, labels, text = setup("resnet18")
+    model = model.to(memory_format=torch.channels_last)
+    x = x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+    got, want, *_ = both(model, x, labels, text, "full")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 def test_cost_rule_picks_low_rank_only_for_small_batches():
     # ResNet-18's last 3x3 convolution (512 -> 512, K = 4608) at 2 x 2 maps
     assert last_stage._low_rank(16 * 4, 4608, 512)  # the CPU benchmark: batch 16

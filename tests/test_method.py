@@ -180,7 +180,7 @@ def test_aol_step_updates_follow_eq4_and_eq5():
     hp = AolHyper(meta_lr=0.2, k=5.0, threshold=0.5)
 
     ref_net, ref_att = copy.deepcopy(net), copy.deepcopy(att)
-    loss, _ = aol_loss(ref_net, ref_att, x, labels, hp)
+    loss, _, _ = aol_loss(ref_net, ref_att, x, labels, hp)
     g_net = torch.autograd.grad(loss, list(ref_net.parameters()), retain_graph=True)
     g_att = torch.autograd.grad(loss, list(ref_att.parameters()))
 

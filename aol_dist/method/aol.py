@@ -174,8 +174,8 @@ def attended_labels(attention: LabelAttention, features: torch.Tensor, labels: t
 
 
 def aol_loss(model: nn.Module, attention: LabelAttention, x: torch.Tensor, labels: torch.Tensor, hp: AolHyper,
-             text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_C(y_hat, y_tilde) of one batch and the attention weights; backward gives Eq. 4 and Eq. 5 gradients."""
+             text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L_C(y_hat, y_tilde) of one batch, the attention weights and y_tilde; backward gives Eq. 4 and Eq. 5 gradients."""
     trunk = model.trunk(x)
     if hp.fast and hp.batched and last_stage.supported(model):
         logits, tape = last_stage.recorded_top(model, trunk, text)
@@ -185,7 +185,7 @@ def aol_loss(model: nn.Module, attention: LabelAttention, x: torch.Tensor, label
         meta = meta_features_fast if hp.fast else meta_features_reference
         features = meta(model, x, trunk, logits, labels, hp.meta_lr, text, hp.scope)
     y_tilde, weights = attended_labels(attention, features, labels, hp)
-    return bce(logits, y_tilde), weights
+    return bce(logits, y_tilde), weights, y_tilde
 
 
 def aol_step(model: nn.Module, attention: LabelAttention, optimizer: torch.optim.Optimizer,
@@ -197,11 +197,16 @@ def aol_step(model: nn.Module, attention: LabelAttention, optimizer: torch.optim
     ``labels`` is (B, M, N) in {0, 1}. Outer update: Adam on grad_theta L_C(y_hat, y_tilde) (Eq. 4);
     attention update: SGD on grad_{W,b} of the same loss (Eq. 5).
     """
-    loss, weights = aol_loss(model, attention, x, labels, hp, text)
+    loss, weights, y_tilde = aol_loss(model, attention, x, labels, hp, text)
     optimizer.zero_grad(set_to_none=True)
     attention_optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [p.grad.detach().float().norm() for p in attention.parameters() if p.grad is not None]
+    grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
         optimizer.step()
         attention_optimizer.step()
-    return {"loss": loss.detach(), "weights": weights.detach()}
+    y_bar = combine_labels(weights.detach(), labels, hp.combine)
+    slope = hp.k * torch.sigmoid(hp.k * (y_bar - hp.threshold)) * torch.sigmoid(-hp.k * (y_bar - hp.threshold))
+    return {"loss": loss.detach(), "weights": weights.detach(), "targets": y_tilde.detach(),
+            "attention_grad_norm": grad_norm, "steep_fraction": (slope > 1).float().mean()}

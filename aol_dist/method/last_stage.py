@@ -229,7 +229,8 @@ def _conv_backward(unit: Unit, g: torch.Tensor, meta_lr: float, need_input: bool
     weight = conv.weight.detach()
     if not _low_rank(length, k, c_out):
         if weight.dtype == g.dtype:
-            unit.weight_m = torch.baddbmm(weight.view(1, c_out, k), unit.g_out, unit.cols.expand(m, length, k),
+            # reshape, not view: a channels_last weight is not (C_out, K)-contiguous (copied, in K = C k k order)
+            unit.weight_m = torch.baddbmm(weight.reshape(1, c_out, k), unit.g_out, unit.cols.expand(m, length, k),
                                           alpha=-meta_lr).view(m, *weight.shape)
         else:  # autocast: the GEMM in the activations' precision, the update in the parameters'
             unit.weight_m = _updated(conv.weight, torch.matmul(unit.g_out, unit.cols).view(m, *weight.shape), meta_lr)

@@ -3,7 +3,8 @@
 Sources: ``--images DIR`` (every png/jpg/jpeg/bmp/tif/webp file under DIR, sorted by relative path) or
 ``--npz FILE`` (an ``(n, H, W[, C])`` uint8 array; key ``--npz-images``, default ``x``).
 
-Label sets (each becomes one row of ``labels``; the findings are the classes):
+Label sets (each becomes one row of ``labels``; the findings are the classes). The manifest's
+``label_kind`` is ``multiclass`` (every label set and the truth one-hot, checked) unless ``--multi-label``:
 
 - CSV columns (``--labels CSV --id-column COL --label-column COL ...``): multi-class values (a class
   name or index -> one-hot) or, with ``--multi-label``, ``|``-separated class names -> 0/1 vector. The
@@ -263,6 +264,13 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
 
     label_sets = list(sets)
     stacked = np.stack([sets[s] for s in label_sets], axis=1)  # (n, M, K)
+    if not multi_label:  # multi-class: the manifest promises one-hot label sets and truth
+        for what, vectors in [*sets.items(), *([("truth", truth)] if truth is not None else [])]:
+            bad = np.flatnonzero(keep & (vectors.sum(1) != 1))
+            if bad.size:
+                raise common.ConversionError(f"{what}: image {ids[bad[0]]} has {int(vectors[bad[0]].sum())} classes, "
+                                             f"a multi-class label set needs exactly one (give --multi-label for 0/1 "
+                                             f"vectors)")
     items: dict[str, list[Item]] = {}
     for j in np.flatnonzero(keep):
         key = f"{j:08d}_" + re.sub(r"[^A-Za-z0-9_-]", "_", ids[j].rsplit(".", 1)[0])[-80:]
@@ -281,6 +289,7 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
               "votes_sha256": common.sha256_file(votes) if votes else None}
     shards.write_manifest(out, dataset=name, findings=names, label_sets=label_sets, splits=records, image_size=size,
                           source=source, channels=3 if color == "rgb" else 1, image_format=image_format,
-                          has_truth={s: truth is not None for s in records})
+                          has_truth={s: truth is not None for s in records},
+                          label_kind="multilabel" if multi_label else "multiclass")
     extra = {"annotators": {a: {k2: v for k2, v in d.items() if k2 != "confusion_matrix"} for a, d in simulated.items()}}
     return common.finish(out, common.build_report(name, records, reused, Counter({a: b for a, b in dropped.items() if b}), extra))

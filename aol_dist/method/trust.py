@@ -1,0 +1,207 @@
+"""Attention-on-label trained by the likelihood of the labels: whom to believe, per sample and finding.
+
+The paper's attention (Eq. 2-5) is trained by the outer loss BCE(y_hat, y_tilde), whose gradient moves the
+weights toward whichever label set agrees with the model's current predictions (docs/quality.md shows it
+collapsing onto a low-prevalence set). Here the weights over the label sets come from an annotator model
+trained jointly with the classifier by the marginal likelihood of the observed labels (Dawid and Skene
+1979; Raykar et al. 2010, "Learning from crowds"):
+
+    P(Y | x) = sum_t P(t | x) P(Y | t, x)                                   (t: the hidden truth)
+    q(t)     = P(t | x) P(Y | t, x) / P(Y | x)                              (the posterior: the target)
+    w_m      = P(y_m = t | x, Y) / sum_m' P(y_m' = t | x, Y)                (the trust in label set m)
+
+P(t | x) is the classifier itself, so the image decides where the labels leave the truth open (an
+uncertain mention mapped to 0 by one set and 1 by another). The loss -log P(Y | x) gives the classifier
+the gradient of BCE(y_hat, q) (softmax cross-entropy for multi-class data) and trains the annotator
+model by its likelihood: a label set earns trust by being right where the others and the image agree,
+never by agreeing with the model alone.
+
+Two annotator models:
+- ``independent`` (Dawid-Skene): per label set a confusion matrix over classes, per finding (2 x 2) for
+  multi-label data, K x K for multi-class data; label sets independent given the truth.
+- ``joint`` (multi-label data, M <= 8): per finding one distribution over the 2^M patterns of the M labels
+  given the truth. No independence: u0 and u1 of one labeler differ only on uncertain mentions, and two
+  labelers' errors are correlated, which makes a Dawid-Skene posterior count one mention four times.
+
+Either takes an optional per-sample term s_mn(x), the logit of label set m being right on finding n for
+this image, from a linear head on the normalised image features (``input = features``) or on the meta
+features Cat(F_1..F_M) of Eq. 1 (``input = meta``): P(y | t, x) is proportional to P(y | t) exp(sum_m s_mn
+[y_m = t]). The head starts at zero, so training starts from a global annotator model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INIT_ACCURACY = 0.8
+"""Every label set starts out believed right 80 % of the time: better than chance, so the truth is not
+label-switched, and far from certain, so the image and the other sets can overrule it."""
+MAX_JOINT_SETS = 8
+
+
+@dataclass(frozen=True)
+class TrustHyper:
+    """Hyper-parameters of the likelihood-trained attention (config ``method``)."""
+
+    annotator: str = "auto"
+    """``joint``, ``independent``, or ``auto`` (joint for multi-label data with M <= 8)."""
+    input: str = "features"
+    """What the per-sample head sees: ``features`` (normalised GAP features), ``meta`` (the meta features
+    F_m of Eq. 1, the paper's attention input), or ``none`` (a global annotator model)."""
+    meta_lr: float = 0.2
+    scope: str = "full"
+
+
+class LabelTrust(nn.Module):
+    """The annotator model and the per-sample head: log P(Y | t, x) for every t.
+
+    ``multiclass``: the N "findings" are K classes and each label set gives one class (a one-hot row).
+    """
+
+    def __init__(self, feature_dim: int, num_label_sets: int, num_findings: int, multiclass: bool = False,
+                 annotator: str = "auto", input: str = "features") -> None:
+        super().__init__()
+        m, n = num_label_sets, num_findings
+        if annotator == "auto":
+            annotator = "joint" if not multiclass and m <= MAX_JOINT_SETS else "independent"
+        if annotator == "joint" and (multiclass or m > MAX_JOINT_SETS):
+            raise ValueError(f"method.annotator = joint needs multi-label data and at most {MAX_JOINT_SETS} "
+                             f"label sets (got {'multi-class' if multiclass else 'multi-label'}, M = {m})")
+        self.num_label_sets, self.num_findings, self.multiclass = m, n, multiclass
+        self.annotator, self.input = annotator, input
+        classes = n if multiclass else 2
+        right, wrong = torch.tensor(INIT_ACCURACY).log(), torch.tensor((1 - INIT_ACCURACY) / (classes - 1)).log()
+        if annotator == "joint":
+            patterns = torch.tensor(list(itertools.product((0, 1), repeat=m)), dtype=torch.float32)  # (P, M)
+            self.register_buffer("patterns", patterns, persistent=False)
+            per_truth = torch.stack([(patterns == t).float() * right + (patterns != t).float() * wrong
+                                     for t in (0, 1)]).sum(-1)  # (2, P)
+            self.log_table = nn.Parameter(per_truth.expand(n, 2, -1).clone())  # (N, 2, P): log P(pattern | t)
+        else:
+            eye = torch.eye(classes)
+            init = eye * right + (1 - eye) * wrong
+            shape = (m, classes, classes) if multiclass else (m, n, 2, 2)
+            self.log_table = nn.Parameter(init.expand(*shape).clone())  # rows: truth, columns: the set's label
+        self.head = None
+        if input != "none":
+            blocks = m if input == "meta" else 1
+            self.head = nn.Linear(blocks * feature_dim, m * (1 if multiclass else n))
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def scores(self, features: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """s_mn(x): (B, M, N) for multi-label data, (B, M, 1) for multi-class; zeros without a head."""
+        width = 1 if self.multiclass else self.num_findings
+        if self.head is None or features is None:
+            return self.log_table.new_zeros(batch, self.num_label_sets, width)
+        f = F.layer_norm(features.float(), features.shape[-1:])  # post-ReLU features share a large mean
+        return self.head(f.reshape(batch, -1)).view(batch, self.num_label_sets, width)
+
+    def log_likelihood(self, labels: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """log P(Y | t, x): (B, N, 2) for multi-label data (t = 0, 1 per finding), (B, K) for multi-class."""
+        if self.multiclass:
+            y = labels.argmax(-1)  # (B, M)
+            logits = self.log_table.unsqueeze(0) + s.unsqueeze(-1) * torch.eye(self.num_findings, device=s.device)
+            log_p = torch.log_softmax(logits, dim=-1)  # (B, M, K truth, K label)
+            picked = log_p.gather(-1, y[:, :, None, None].expand(-1, -1, self.num_findings, 1)).squeeze(-1)
+            return picked.sum(1)  # (B, K)
+        if self.annotator == "independent":
+            logits = self.log_table.unsqueeze(0) + s[..., None, None] * torch.eye(2, device=s.device)
+            log_p = torch.log_softmax(logits, dim=-1)  # (B, M, N, truth, label)
+            said = torch.stack([1 - labels, labels], dim=-1).unsqueeze(-2)  # (B, M, N, 1, label): one-hot
+            return (log_p * said).sum(-1).sum(1)  # (B, N, 2)
+        # joint: log softmax over patterns of log P(pattern | t) + sum_m s_m [pattern_m = t]
+        bonus = torch.stack([torch.einsum("bmn,pm->bnp", s, (self.patterns == t).float()) for t in (0, 1)], dim=2)
+        log_p = torch.log_softmax(self.log_table.unsqueeze(0) + bonus, dim=-1)  # (B, N, 2, P)
+        index = (labels.long() * (2 ** torch.arange(self.num_label_sets - 1, -1, -1, device=labels.device))
+                 .view(1, -1, 1)).sum(1)  # (B, N): the observed pattern's index
+        return log_p.gather(-1, index[:, :, None, None].expand(-1, -1, 2, 1)).squeeze(-1)  # (B, N, 2)
+
+    def estimated_confusion(self) -> torch.Tensor:
+        """The global model as per-set confusion: (M, N, 2, 2) multi-label or (M, K, K) multi-class,
+        rows the truth, columns the set's label (the joint model's pattern table marginalised per set)."""
+        if self.annotator == "independent":
+            return torch.softmax(self.log_table, dim=-1)
+        p = torch.softmax(self.log_table, dim=-1)  # (N, 2, P)
+        says_one = torch.einsum("ntp,pm->mnt", p, self.patterns)  # (M, N, t): P(y_m = 1 | t)
+        return torch.stack([1 - says_one, says_one], dim=-1)
+
+
+def class_log_prior(logits: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """log P(t | x) from the classifier: (B, N, 2) per finding (sigmoid) or (B, K) (softmax)."""
+    if multiclass:
+        return torch.log_softmax(logits.float(), dim=-1)
+    z = logits.float()
+    return torch.stack([F.logsigmoid(-z), F.logsigmoid(z)], dim=-1)
+
+
+def posterior_trust(logits: torch.Tensor, labels: torch.Tensor, trust: LabelTrust,
+                    s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, q, w): -mean log P(Y | x), the posterior of the truth and the trust weights over label sets.
+
+    q: (B, N) P(t_n = 1 | x, Y) multi-label, (B, K) P(t = k | x, Y) multi-class.
+    w: (B, M, N) or (B, M, 1): P(label set m is right | x, Y), normalised over m.
+    """
+    joint = class_log_prior(logits, trust.multiclass) + trust.log_likelihood(labels, s)
+    log_evidence = torch.logsumexp(joint, dim=-1)
+    loss = -log_evidence.mean()
+    post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
+    if trust.multiclass:
+        q = post
+        right = (labels * q.unsqueeze(1)).sum(-1, keepdim=True)  # (B, M, 1): P(t = y_m)
+    else:
+        q = post[..., 1]
+        right = labels * q.unsqueeze(1) + (1 - labels) * (1 - q.unsqueeze(1))  # (B, M, N)
+    w = right / right.sum(1, keepdim=True).clamp_min(1e-12)
+    return loss, q, w
+
+
+def trust_features(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, logits: torch.Tensor,
+                   features: torch.Tensor, labels: torch.Tensor, hp: TrustHyper, text: torch.Tensor | None,
+                   fast: bool = True) -> torch.Tensor | None:
+    """The head's input: detached image features (B, 1, D), or the meta features F_m (B, M, D) of Eq. 1."""
+    if hp.input == "none":
+        return None
+    if hp.input == "features":
+        return features.detach().unsqueeze(1)
+    from aol_dist.method.aol import meta_features_fast, meta_features_reference
+
+    meta = meta_features_fast if fast else meta_features_reference
+    return meta(model, x, trunk, logits, labels, hp.meta_lr, text, hp.scope)
+
+
+def trust_loss(model: nn.Module, trust: LabelTrust, x: torch.Tensor, labels: torch.Tensor, hp: TrustHyper,
+               text: torch.Tensor | None = None, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(-log P(Y | x), q, w) of one batch: backward trains the classifier and the annotator model together."""
+    trunk = model.trunk(x)
+    features = model.top(trunk, text)
+    logits = model.head(features)
+    head_input = trust_features(model, x, trunk, logits, features, labels, hp, text, fast)
+    return posterior_trust(logits, labels, trust, trust.scores(head_input, x.shape[0]))
+
+
+def trust_step(model: nn.Module, trust: LabelTrust, optimizer: torch.optim.Optimizer,
+               trust_optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor, hp: TrustHyper,
+               average_gradients: Callable[[], bool | None] = lambda: None,
+               text: torch.Tensor | None = None, fast: bool = True) -> dict[str, torch.Tensor]:
+    """One step: classifier and annotator model by -log P(Y | x); returns loss, trust weights, targets q."""
+    loss, q, w = trust_loss(model, trust, x, labels, hp, text, fast)
+    optimizer.zero_grad(set_to_none=True)
+    trust_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = _grad_norm(trust.parameters())
+    if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
+        optimizer.step()
+        trust_optimizer.step()
+    return {"loss": loss.detach(), "weights": w, "targets": q, "attention_grad_norm": grad_norm}
+
+
+def _grad_norm(params) -> torch.Tensor:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
