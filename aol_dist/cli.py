@@ -1,5 +1,5 @@
 """The ``aol`` command: ``aol shards synth|mimic|openi|generic|verify|inspect``, ``aol eval``, ``aol compare``,
-``aol bench step|loader``."""
+``aol bench step|loader``, ``aol study``."""
 
 from __future__ import annotations
 
@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench_command", required=True)
     _add_bench_step(bench)
     _add_bench_loader(bench)
+
+    from aol_dist.study import command as study
+
+    study_parser = sub.add_parser("study", help="methods x seeds x benchmarks: mean and spread, paired differences")
+    study.add_arguments(study_parser)
+    study_parser.set_defaults(func=study.main)
     return parser
 
 

@@ -122,3 +122,37 @@ def test_pretrained_weights_load_from_a_local_torchvision_file(tmp_path):
     model = Classifier("resnet18", N, pretrained=str(tmp_path / "r18.pth"))
     torch.testing.assert_close(model.stem[0].weight, state["conv1.weight"])
     torch.testing.assert_close(model.stages[3][1].bn2.running_var, state["layer4.1.bn2.running_var"])
+
+
+@pytest.mark.parametrize("per_finding", [False, True])
+def test_fast_step_equals_reference_at_the_papers_k(per_finding):
+    """k = 50 (Sec. 5.1): Eq. 3 is nearly a step there, so any difference in y_bar would show."""
+    common = dict(meta_lr=0.2, k=50.0, threshold=0.5)
+    ref = run_steps(AolHyper(fast=False, **common), per_finding=per_finding)
+    fast = run_steps(AolHyper(fast=True, **common), per_finding=per_finding)
+    assert_same(ref[0], fast[0])
+    assert_same(ref[1], fast[1])
+    torch.testing.assert_close(ref[2], fast[2])
+
+
+@pytest.mark.parametrize("scope", ["full", "partial"])
+def test_trust_with_meta_features_fast_equals_reference(scope):
+    """method.trust = posterior with trust_input = meta: the head reads the meta features F_m of Eq. 1."""
+    from aol_dist.method.trust import LabelTrust, TrustHyper, trust_step
+
+    def run(fast):
+        torch.manual_seed(0)
+        model = Classifier("resnet_tiny", N).double()
+        trust = LabelTrust(model.feature_dim, M, N, input="meta").double()
+        torch.nn.init.normal_(trust.head.weight, std=0.05)
+        opt, trust_opt = torch.optim.Adam(model.parameters(), 1e-3), torch.optim.Adam(trust.parameters(), 1e-2)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.rand(B, 1, 24, 24, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 2, (B, M, N), generator=g).double()
+            trust_step(model, trust, opt, trust_opt, x, y, TrustHyper(input="meta", scope=scope), fast=fast)
+        return model, trust
+
+    ref, fast = run(False), run(True)
+    assert_same(ref[0], fast[0])
+    assert_same(ref[1], fast[1])

@@ -23,10 +23,14 @@ Two annotator models:
   given the truth. No independence: u0 and u1 of one labeler differ only on uncertain mentions, and two
   labelers' errors are correlated, which makes a Dawid-Skene posterior count one mention four times.
 
-Either takes an optional per-sample term s_mn(x), the logit of label set m being right on finding n for
-this image, from a linear head on the normalised image features (``input = features``) or on the meta
-features Cat(F_1..F_M) of Eq. 1 (``input = meta``): P(y | t, x) is proportional to P(y | t) exp(sum_m s_mn
-[y_m = t]). The head starts at zero, so training starts from a global annotator model.
+Either takes an optional per-sample term s_mn(x) from a linear head on the normalised image features
+(``input = features``) or on the meta features Cat(F_1..F_M) of Eq. 1 (``input = meta``): P(y | t, x) is
+proportional to P(y | t) exp(sum_m s_mn [y_m = t]), with s centred over the sets: on this image, believe
+set m more than the others. The head starts at zero, so training starts from a global annotator model.
+Why centred (GPU probe, synth-cxr, 4 seeds, docs/quality.md): with a free or a bounded common part (believe
+all sets less on this image), the head learned to discount or invert every set together on some images,
+a per-sample label switch that a saturated pattern model fits as well as the truth; the estimated
+accuracy of every set fell from about 0.96 to 0.4-0.8 and the truth AUROC to 0.2-0.78 in most seeds.
 """
 
 from __future__ import annotations
@@ -100,8 +104,11 @@ class LabelTrust(nn.Module):
         width = 1 if self.multiclass else self.num_findings
         if self.head is None or features is None:
             return self.log_table.new_zeros(batch, self.num_label_sets, width)
-        f = F.layer_norm(features.float(), features.shape[-1:])  # post-ReLU features share a large mean
-        return self.head(f.reshape(batch, -1)).view(batch, self.num_label_sets, width)
+        f = F.layer_norm(features.to(self.head.weight.dtype), features.shape[-1:])  # post-ReLU features share a large mean
+        s = self.head(f.reshape(batch, -1)).view(batch, self.num_label_sets, width)
+        # centred over the sets: the head moves trust between them on this image, and cannot make them all
+        # less (or wrong) together: see the module docstring for what that did
+        return s - s.mean(1, keepdim=True)
 
     def log_likelihood(self, labels: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """log P(Y | t, x): (B, N, 2) for multi-label data (t = 0, 1 per finding), (B, K) for multi-class."""
@@ -117,7 +124,7 @@ class LabelTrust(nn.Module):
             said = torch.stack([1 - labels, labels], dim=-1).unsqueeze(-2)  # (B, M, N, 1, label): one-hot
             return (log_p * said).sum(-1).sum(1)  # (B, N, 2)
         # joint: log softmax over patterns of log P(pattern | t) + sum_m s_m [pattern_m = t]
-        bonus = torch.stack([torch.einsum("bmn,pm->bnp", s, (self.patterns == t).float()) for t in (0, 1)], dim=2)
+        bonus = torch.stack([torch.einsum("bmn,pm->bnp", s, (self.patterns == t).to(s.dtype)) for t in (0, 1)], dim=2)
         log_p = torch.log_softmax(self.log_table.unsqueeze(0) + bonus, dim=-1)  # (B, N, 2, P)
         index = (labels.long() * (2 ** torch.arange(self.num_label_sets - 1, -1, -1, device=labels.device))
                  .view(1, -1, 1)).sum(1)  # (B, N): the observed pattern's index
@@ -135,9 +142,9 @@ class LabelTrust(nn.Module):
 
 def class_log_prior(logits: torch.Tensor, multiclass: bool) -> torch.Tensor:
     """log P(t | x) from the classifier: (B, N, 2) per finding (sigmoid) or (B, K) (softmax)."""
+    z = logits if logits.dtype == torch.float64 else logits.float()  # bf16 autocast logits: the likelihood in fp32
     if multiclass:
-        return torch.log_softmax(logits.float(), dim=-1)
-    z = logits.float()
+        return torch.log_softmax(z, dim=-1)
     return torch.stack([F.logsigmoid(-z), F.logsigmoid(z)], dim=-1)
 
 

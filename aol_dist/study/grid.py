@@ -1,0 +1,158 @@
+"""What ``aol study`` runs: the methods table, the presets, and the plan (one run per benchmark, method, seed).
+
+A method row is a label and the config overrides that make it; ``{label_set}`` in a row expands to one
+row per label set of the benchmark (``single:<label set>``). Adding a variant is one line in
+:data:`METHODS`, e.g. ``Method("aol:paper", ("method.name=aol", "method.trust=attention"))``.
+Labels are the method name, and ``name:variant`` for variants.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from aol_dist.study.benchmarks import TEST_SPLIT, Benchmark, Scale
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    overrides: tuple[str, ...]
+    default: bool = True
+    """Run when ``--methods`` is not given; the others run when named (variants studied on their own)."""
+
+
+METHODS: tuple[Method, ...] = (
+    Method("aol", ("method.name=aol",)),  # the defaults: trust = posterior (method/trust.py)
+    Method("aol:paper", ("method.name=aol", "method.trust=attention")),  # the paper's Eq. 2-5 (configs/paper_exact.toml)
+    Method("aol:paper_per_finding", ("method.name=aol", "method.trust=attention", "method.attention=per_finding"),
+           default=False),
+    Method("aol:global", ("method.name=aol", "method.trust_input=none"), default=False),  # no per-sample head
+    Method("aol:meta", ("method.name=aol", "method.trust_input=meta"), default=False),  # the head reads F_m (Eq. 1)
+    Method("aol:independent", ("method.name=aol", "method.annotator=independent"), default=False),
+    Method("single:{label_set}", ("method.name=single", "method.single_label_set={label_set}")),
+    Method("majority", ("method.name=majority",)),
+    Method("soft_average", ("method.name=soft_average",)),
+    Method("cm", ("method.name=cm",)),
+    Method("truth", ("method.name=truth",)),  # the ceiling: trains on the hidden truth
+)
+
+#: The baselines a method is compared with: the best mean among these is "the best baseline".
+BASELINES = ("majority", "soft_average", "cm", "single:*")
+
+
+def is_baseline(label: str) -> bool:
+    return any(fnmatch.fnmatchcase(label, pattern) for pattern in BASELINES)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    about: str
+    scale: Scale
+    settings: tuple[str, ...]
+    """Config overrides every run shares (same step budget and settings for every method)."""
+    seeds: int
+    per_benchmark: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Overrides for every run of one benchmark (all its methods alike), after ``settings``."""
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("smoke", "the whole flow in minutes, numbers meaningless: tiny shards, 2 steps, one seed",
+           Scale(image_size=32, train=64, test=64, images=300, samples_per_shard=32),
+           ("model.arch=resnet_tiny", "method.lr=1e-3", "data.batch_size=8", "data.num_workers=0",
+            "data.shuffle_buffer=16", "train.steps=2", "train.log_every=1", "train.eval_batch_size=64",
+            "train.checkpoint_every=0", "train.keep_checkpoints=1", "train.plots=false"),
+           seeds=1),
+    # Sized in docs/benchmark.md: about 15 s a run on the synthetic rows, 30 s on CIFAR, two side by side.
+    # CIFAR gets 600 steps: at 300 its seed-to-seed spread of accuracy (0.03-0.07) hid the gap to the truth.
+    Preset("quick", "CPU, 2 cores, <= 30 min: 32 px, ResNet-tiny, batch 32, 300 steps (CIFAR 600), one thread per run",
+           Scale(image_size=32, train=3000, test=1000),
+           ("model.arch=resnet_tiny", "method.lr=1e-3", "data.batch_size=32", "data.num_workers=0",
+            "data.shuffle_buffer=256", "train.steps=300", "train.log_every=50", "train.eval_batch_size=250",
+            "train.checkpoint_every=0", "train.keep_checkpoints=1", "train.plots=false"),
+           seeds=3, per_benchmark={"cifar10-paper": ("train.steps=600",), "cifar10h": ("train.steps=600",)}),
+    Preset("full", "GPUs, the paper's settings (Sec. 5.1): ResNet-50, 256 px synthetic images (CIFAR at its "
+           "native 32 px), batch 32, Adam 1e-4, 10,000 steps",
+           Scale(image_size=256, train=10000, test=2000),
+           ("model.arch=resnet50", "method.lr=1e-4", "data.batch_size=32", "data.num_workers=4",
+            "train.steps=10000", "train.log_every=50", "train.eval_batch_size=128", "train.checkpoint_every=2000",
+            "train.keep_checkpoints=1", "train.plots=true"),
+           seeds=3),
+)}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the grid."""
+
+    benchmark: str
+    method: str
+    seed: int
+    metric: str
+    overrides: tuple[str, ...]
+    """Overrides of this run on top of the preset's (benchmark, method, seed, where it writes)."""
+    out_dir: Path
+    """Parent of the run directory (``train.out_dir``)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.replace(':', '-')}-s{self.seed}"
+
+    @property
+    def final_dir(self) -> Path:
+        """The finished run: the training loop renames ``<name>.incomplete`` to this at the very end."""
+        return self.out_dir / self.name
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.benchmark, self.method, self.seed
+
+
+def expand_methods(label_sets: Sequence[str], methods: Sequence[Method] = METHODS) -> list[Method]:
+    """The method rows of one benchmark: ``{label_set}`` rows once per label set."""
+    out = []
+    for m in methods:
+        if "{label_set}" in m.label:
+            out += [Method(m.label.format(label_set=s), tuple(o.format(label_set=s) for o in m.overrides), m.default)
+                    for s in label_sets]
+        else:
+            out.append(m)
+    return out
+
+
+def select(labels: Sequence[str], patterns: Sequence[str], defaults: Sequence[str] | None = None) -> list[str]:
+    """Labels matching any pattern (exact or shell-style: ``single:*``, ``aol*``), in table order; without
+    patterns, the ``defaults`` (all labels where None)."""
+    if not patterns:
+        return [label for label in labels if defaults is None or label in defaults]
+    return [label for label in labels if any(fnmatch.fnmatchcase(label, p) for p in patterns)]
+
+
+def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Path, seeds: int,
+         patterns: Sequence[str] = (), methods: Sequence[Method] = METHODS,
+         per_benchmark: dict[str, tuple[str, ...]] | None = None, extra: Sequence[str] = ()) -> list[Run]:
+    """Every (benchmark, method, seed) run: ``benchmarks`` maps a name to (row, label sets, shard directory).
+    A run's overrides, later ones winning: the benchmark's, the preset's for that benchmark
+    (``per_benchmark``), the user's (``extra``), the method's, the seed. A pattern that matches no method
+    of any benchmark is an error naming the known labels."""
+    runs, known, used = [], [], set()
+    for name, (bench, label_sets, shard_dir) in benchmarks.items():
+        rows = expand_methods(label_sets, methods)
+        labels = [m.label for m in rows]
+        known += [label for label in labels if label not in known]
+        chosen = set(select(labels, patterns, [m.label for m in rows if m.default]))
+        used |= {p for p in patterns for label in chosen if fnmatch.fnmatchcase(label, p)}
+        for m in rows:
+            if m.label not in chosen:
+                continue
+            for seed in range(seeds):
+                overrides = (f"data.shards={shard_dir}", f"data.eval_splits={TEST_SPLIT}", *bench.settings,
+                             *(per_benchmark or {}).get(name, ()), *extra, *m.overrides, f"train.seed={seed}")
+                runs.append(Run(name, m.label, seed, bench.metric, overrides, root / "runs" / name))
+    unused = [p for p in patterns if p not in used]
+    if unused and benchmarks:
+        raise ValueError(f"--methods {','.join(unused)}: matches no method; known: {', '.join(known)}")
+    return runs
