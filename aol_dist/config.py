@@ -97,9 +97,10 @@ class MethodConfig:
     """trust = posterior: joint (per finding a distribution over the 2^M label patterns given the truth: no
     independence between label sets), independent (Dawid-Skene confusion per set), auto (joint for multi-label
     data with M <= 8, independent otherwise)."""
-    trust_input: str = "features"
+    trust_input: str = "auto"
     """trust = posterior: what the per-sample head sees: features (the image features), meta (the meta
-    features F_m of Eq. 1: costs the meta step), none (one global annotator model)."""
+    features F_m of Eq. 1: costs the meta step), none (one global annotator model), auto (features on
+    multi-class data, none on multi-label data: what `aol study` measured best, docs/quality.md)."""
     trust_lr: float = 5e-2
     """trust = posterior: Adam learning rate of the annotator model and its per-sample head."""
     cm_lambda: float = 0.01
@@ -129,8 +130,8 @@ class MethodConfig:
         _require(self.trust in ("posterior", "attention"), f"method.trust must be posterior or attention, got {self.trust!r}")
         _require(self.annotator in ("auto", "joint", "independent"),
                  f"method.annotator must be auto, joint or independent, got {self.annotator!r}")
-        _require(self.trust_input in ("features", "meta", "none"),
-                 f"method.trust_input must be features, meta or none, got {self.trust_input!r}")
+        _require(self.trust_input in ("auto", "features", "meta", "none"),
+                 f"method.trust_input must be auto, features, meta or none, got {self.trust_input!r}")
         _require(self.trust_lr > 0, "method.trust_lr must be > 0")
         _require(self.meta_lr > 0 and self.lr > 0 and self.attention_lr >= 0, "learning rates must be positive")
         _require(self.k > 0, "method.k must be > 0")

@@ -119,7 +119,7 @@ def _make_step(parts: Parts, config: Config) -> Step:
     mc = config.method
     model, labels_of = parts.model, (lambda batch: batch["labels"])
     if mc.name == "aol" and isinstance(parts.attention, LabelTrust):
-        trust_hp = TrustHyper(mc.annotator, mc.trust_input, mc.meta_lr, mc.meta_scope)
+        trust_hp = TrustHyper(parts.attention.annotator, parts.attention.input, mc.meta_lr, mc.meta_scope)
 
         def step(batch, average):
             return trust_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],
@@ -168,8 +168,9 @@ def _label_attention(config: Config, manifest: dict[str, Any], feature_dim: int,
     mc = config.method
     if mc.name == "aol" and mc.trust == "posterior":
         multiclass = label_kind(manifest) == "multiclass"
+        head_input = mc.trust_input if mc.trust_input != "auto" else ("features" if multiclass else "none")
         try:
-            return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, mc.trust_input)
+            return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, head_input)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return LabelAttention(feature_dim, num_sets, num_findings, per_finding=mc.attention == "per_finding")

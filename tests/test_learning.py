@@ -33,8 +33,8 @@ def train(method, x, labels, scope="full"):
     model = Classifier("resnet_tiny", labels.shape[2])
     attention = LabelAttention(model.feature_dim, labels.shape[1], labels.shape[2])
     opt, att_opt = torch.optim.Adam(model.parameters(), 1e-3), torch.optim.SGD(attention.parameters(), 0.05)
-    trust = LabelTrust(model.feature_dim, labels.shape[1], labels.shape[2])
-    trust_opt = torch.optim.Adam(trust.parameters(), 1e-2)
+    trust = LabelTrust(model.feature_dim, labels.shape[1], labels.shape[2], input="none")  # the multi-label default
+    trust_opt = torch.optim.Adam(trust.parameters(), 5e-2)  # method.trust_lr
     g = torch.Generator().manual_seed(1)
     weights = []
     for _ in range(STEPS):
@@ -43,7 +43,7 @@ def train(method, x, labels, scope="full"):
             out = aol_step(model, attention, opt, att_opt, x[idx], labels[idx], AolHyper(scope=scope))
             weights.append(out["weights"].mean(0).squeeze(-1))
         elif method == "posterior":
-            out = trust_step(model, trust, opt, trust_opt, x[idx], labels[idx], TrustHyper())
+            out = trust_step(model, trust, opt, trust_opt, x[idx], labels[idx], TrustHyper(input="none"))
             weights.append(out["weights"].mean((0, 2)))
         elif method in TARGETS:
             plain_step(model, opt, x[idx], TARGETS[method](labels[idx]))
