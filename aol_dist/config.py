@@ -101,6 +101,9 @@ class MethodConfig:
     """trust = posterior: what the per-sample head sees: features (the image features), meta (the meta
     features F_m of Eq. 1: costs the meta step), none (one global annotator model), auto (features on
     multi-class data, none on multi-label data: what `aol study` measured best, docs/quality.md)."""
+    monotone: bool = True
+    """trust = posterior, multi-label data: every label set says "present" more often when the finding is
+    present than when it is absent (by >= 0.1); false lets the annotator model fit inverted sets."""
     trust_lr: float = 5e-2
     """trust = posterior: Adam learning rate of the annotator model and its per-sample head."""
     cm_lambda: float = 0.01

@@ -170,7 +170,7 @@ def _label_attention(config: Config, manifest: dict[str, Any], feature_dim: int,
         multiclass = label_kind(manifest) == "multiclass"
         head_input = mc.trust_input if mc.trust_input != "auto" else ("features" if multiclass else "none")
         try:
-            return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, head_input)
+            return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, head_input, mc.monotone)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return LabelAttention(feature_dim, num_sets, num_findings, per_finding=mc.attention == "per_finding")

@@ -164,3 +164,20 @@ def test_refuses_joint_for_multiclass_and_too_many_sets():
     with pytest.raises(ValueError, match="annotator = joint"):
         LabelTrust(4, 9, 2, annotator="joint")
     assert LabelTrust(4, 9, 2).annotator == "independent" and LabelTrust(4, 4, 2).annotator == "joint"
+
+
+def test_monotone_penalty_forbids_an_inverted_label_set():
+    """Multi-label data: a set that says 'present' less often when the finding is present is penalised."""
+    from aol_dist.method.trust import MONOTONE_MARGIN, monotone_penalty
+
+    good = LabelTrust(1, 2, 1, annotator="independent", input="none")
+    assert monotone_penalty(good).item() == 0.0
+    with torch.no_grad():  # set 0 inverted: P(y=1 | t=1) = 0.2 < P(y=1 | t=0) = 0.8
+        good.log_table[0, 0] = torch.tensor([[0.2, 0.8], [0.8, 0.2]]).log()
+    penalty = monotone_penalty(good)
+    assert penalty.item() == pytest.approx(10.0 * (0.8 - 0.2 + MONOTONE_MARGIN), rel=1e-5)
+    penalty.backward()
+    assert good.log_table.grad[1].abs().sum() == 0  # the good set is left alone
+    assert LabelTrust(1, 2, 1, annotator="independent", input="none", monotone=False).monotone is False
+    assert monotone_penalty(LabelTrust(1, 2, 3, multiclass=True, input="none")).item() == 0.0  # AD stays learnable
+

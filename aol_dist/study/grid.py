@@ -31,6 +31,7 @@ METHODS: tuple[Method, ...] = (
            default=False),
     Method("aol:global", ("method.name=aol", "method.trust_input=none"), default=False),  # no per-sample head
     Method("aol:features", ("method.name=aol", "method.trust_input=features"), default=False),  # head on F
+    Method("aol:free", ("method.name=aol", "method.monotone=false"), default=False),  # inverted sets allowed
     Method("aol:meta", ("method.name=aol", "method.trust_input=meta"), default=False),  # the head reads F_m (Eq. 1)
     Method("aol:independent", ("method.name=aol", "method.annotator=independent"), default=False),
     Method("single:{label_set}", ("method.name=single", "method.single_label_set={label_set}")),
