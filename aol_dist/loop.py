@@ -18,7 +18,7 @@ from aol_dist import checkpoint
 from aol_dist import dist as D
 from aol_dist.config import Config
 from aol_dist.data.convert.tokenize import check_tokenizer
-from aol_dist.data.shards import atomic_write_text, label_kind, read_manifest, split_shards
+from aol_dist.data.shards import atomic_write_text, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
 from aol_dist.evaluate import evaluate, write_results
 from aol_dist.faults import StepGuard
@@ -87,8 +87,10 @@ class LoopState:
         self.window = {"loss": 0.0, "n": 0, "wait": 0.0, "skipped": 0, "weights": torch.zeros_like(self.weight_sum),
                        "diag": zeros, "diag_n": zeros.clone()}
 
-    def add(self, out: dict[str, torch.Tensor], applied: bool, diag: torch.Tensor | None = None) -> None:
-        """Count one step: its loss, attention weights and diagnostics, or a skip (nan_policy = skip)."""
+    def add(self, out: dict[str, torch.Tensor], applied: bool, diag: torch.Tensor | None = None,
+            labels: torch.Tensor | None = None, truth: torch.Tensor | None = None) -> None:
+        """Count one step: its loss, attention weights and diagnostics, and (multi-label data with truth) the
+        label sets' entries that match the truth; or a skip (nan_policy = skip)."""
         if not applied:
             self.skipped += 1
             self.window["skipped"] += 1
@@ -97,9 +99,9 @@ class LoopState:
         self.window["n"] += 1
         if "weights" in out:
             self.window["weights"] += out["weights"].double().mean(0).expand_as(self.weight_sum)  # (M, 1|N)
-        if "truth" in out:  # how accurate each label set really is, for the trust table (multi-label data)
-            self.truth_hits[:-1] += (out["labels"] == out["truth"].unsqueeze(1)).double().sum(0)
-            self.truth_hits[-1] += out["truth"].shape[0]
+        if truth is not None:  # how accurate each label set really is, for the trust table
+            self.truth_hits[:-1] += (labels == truth.unsqueeze(1)).double().sum(0)
+            self.truth_hits[-1] += truth.shape[0]
         if diag is not None:
             ok = torch.isfinite(diag)
             self.window["diag"] += torch.where(ok, diag, 0).double()
@@ -162,7 +164,7 @@ def train(config: Config, world: D.World) -> Path:
         pending_rng = _resume(run.resume_from, parts, engine, optimizers, config, world, shard_ids, state)
     log = Log(work, world.is_main, tc.tensorboard, state.step, console)
     autocast = step_autocast(tc.precision, world.device)
-    multiclass = label_kind(manifest) == "multiclass"
+    multiclass = parts.label_kind == "multiclass"
     guard = StepGuard(parts.trainable(), list(parts.model.buffers()), world, tc.nan_policy, tc.max_skipped_steps,
                       tc.debug_fault)
     if console:
@@ -187,10 +189,10 @@ def train(config: Config, world: D.World) -> Path:
             with autocast:
                 out = parts.step(batch, guard)
             state.step += 1
-            if "truth" in batch and not multiclass:
-                out = {**out, "labels": batch["labels"], "truth": batch["truth"]}
+            truth = batch.get("truth")
             state.add(out, guard.after(out, raw["key"]),
-                      diagnostics.step_diagnostics(out, batch["labels"], batch.get("truth"), multiclass))
+                      diagnostics.step_diagnostics(out, batch["labels"], truth, multiclass),
+                      batch["labels"], None if multiclass else truth)
             step = state.step
             if step % tc.log_every == 0 or step == tc.steps:
                 state.weight_sum += state.window["weights"]

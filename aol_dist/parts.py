@@ -95,7 +95,7 @@ def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Par
     model = Classifier(config.model.arch, len(findings), config.model.pretrained,
                        text_dim=encoder.out_dim if encoder else 0,
                        checkpointing=config.model.checkpointing).to(world.device)
-    attention = _label_attention(config, manifest, model.feature_dim, len(label_sets), len(findings)).to(world.device)
+    attention = _label_attention(config, kind, model.feature_dim, len(label_sets), len(findings)).to(world.device)
     cm = None
     if mc.name == "cm":  # K x K per label set under softmax (multi-class), else 2 x 2 per label set and finding
         matrices = baselines.ClassConfusionMatrices if loss == "softmax" else baselines.ConfusionMatrices
@@ -161,13 +161,13 @@ def _make_step(parts: Parts, config: Config) -> Step:
     return step
 
 
-def _label_attention(config: Config, manifest: dict[str, Any], feature_dim: int, num_sets: int,
+def _label_attention(config: Config, kind: str, feature_dim: int, num_sets: int,
                      num_findings: int) -> LabelAttention | LabelTrust:
     """The module that weighs the label sets: ``method.trust = posterior`` (method aol) or the paper's Eq. 2
     (also built, unused, for the baselines, so every run's checkpoint has the same modules)."""
     mc = config.method
     if mc.name == "aol" and mc.trust == "posterior":
-        multiclass = label_kind(manifest) == "multiclass"
+        multiclass = kind == "multiclass"
         head_input = mc.trust_input if mc.trust_input != "auto" else ("features" if multiclass else "none")
         try:
             return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, head_input, mc.monotone)

@@ -201,12 +201,17 @@ def aol_step(model: nn.Module, attention: LabelAttention, optimizer: torch.optim
     optimizer.zero_grad(set_to_none=True)
     attention_optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grads = [p.grad.detach().float().norm() for p in attention.parameters() if p.grad is not None]
-    grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    attention_grad_norm = grad_norm(attention.parameters())
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
         optimizer.step()
         attention_optimizer.step()
-    y_bar = combine_labels(weights.detach(), labels, hp.combine)
-    slope = hp.k * torch.sigmoid(hp.k * (y_bar - hp.threshold)) * torch.sigmoid(-hp.k * (y_bar - hp.threshold))
-    return {"loss": loss.detach(), "weights": weights.detach(), "targets": y_tilde.detach(),
-            "attention_grad_norm": grad_norm, "steep_fraction": (slope > 1).float().mean()}
+    y_tilde = y_tilde.detach()
+    slope = hp.k * y_tilde * (1 - y_tilde)  # d y_tilde / d y_bar of Eq. 3: k sigma (1 - sigma)
+    return {"loss": loss.detach(), "weights": weights.detach(), "targets": y_tilde,
+            "attention_grad_norm": attention_grad_norm, "steep_fraction": (slope > 1).float().mean()}
+
+
+def grad_norm(params) -> torch.Tensor:
+    """The 2-norm of the gradients of ``params`` (the diagnostics' attention gradient norm)."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())

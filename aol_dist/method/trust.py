@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aol_dist.method.aol import grad_norm, meta_features_fast, meta_features_reference
+
 INIT_ACCURACY = 0.8
 """Every label set starts out believed right 80 % of the time: better than chance, so the truth is not
 label-switched, and far from certain, so the image and the other sets can overrule it."""
@@ -193,8 +195,6 @@ def trust_features(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, logit
         return None
     if hp.input == "features":
         return features.detach().unsqueeze(1)
-    from aol_dist.method.aol import meta_features_fast, meta_features_reference
-
     meta = meta_features_fast if fast else meta_features_reference
     return meta(model, x, trunk, logits, labels, hp.meta_lr, text, hp.scope)
 
@@ -218,13 +218,8 @@ def trust_step(model: nn.Module, trust: LabelTrust, optimizer: torch.optim.Optim
     optimizer.zero_grad(set_to_none=True)
     trust_optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = _grad_norm(trust.parameters())
+    attention_grad_norm = grad_norm(trust.parameters())
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
         optimizer.step()
         trust_optimizer.step()
-    return {"loss": loss.detach(), "weights": w, "targets": q, "attention_grad_norm": grad_norm}
-
-
-def _grad_norm(params) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+    return {"loss": loss.detach(), "weights": w, "targets": q, "attention_grad_norm": attention_grad_norm}
