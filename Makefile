@@ -23,8 +23,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/aol shards synth --out $(DEMO_SHARDS) --train 3000 --validate 0 --test 1000 --image-size 64 --samples-per-shard 250
 	$(VENV)/bin/aol shards inspect $(DEMO_SHARDS)
+	run=demo-$$(date -u +%Y%m%d-%H%M%S) && \
 	OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --config_file $(LAUNCH_CPU) -m aol_dist.train \
-	  --config configs/demo.toml data.shards=$(DEMO_SHARDS) train.run_name=demo-$$(date -u +%Y%m%d-%H%M%S)
+	  --config configs/demo.toml data.shards=$(DEMO_SHARDS) train.run_name=$$run && \
+	OMP_NUM_THREADS=1 $(VENV)/bin/aol audit runs/$$run --split train
 
 test: setup
 	$(PY) -m pytest -q

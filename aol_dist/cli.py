@@ -1,5 +1,5 @@
 """The ``aol`` command: ``aol shards synth|mimic|openi|generic|verify|inspect``, ``aol eval``, ``aol compare``,
-``aol bench step|loader``, ``aol study``."""
+``aol bench step|loader``, ``aol study``, ``aol audit``."""
 
 from __future__ import annotations
 
@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     study_parser = sub.add_parser("study", help="methods x seeds x benchmarks: mean and spread, paired differences")
     study.add_arguments(study_parser)
     study_parser.set_defaults(func=study.main)
+
+    from aol_dist.audit import command as audit
+
+    audit_parser = sub.add_parser("audit", help="which labels are wrong: Phi, C(x), U(x), consensus labels, "
+                                                "quality per label set, the relabelling curve")
+    audit.add_arguments(audit_parser)
+    audit_parser.set_defaults(func=audit.main)
     return parser
 
 

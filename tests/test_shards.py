@@ -100,3 +100,31 @@ def test_cli_verify_exit_code_names_bad_shard(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "aol_dist.cli", "shards", "verify", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "train-000000.tar" in proc.stderr
+
+
+@pytest.mark.parametrize("mode,shape", [("L", (13, 9)), ("RGB", (7, 11, 3)), ("P", (6, 6)), ("RGBA", (5, 4, 4)),
+                                        ("I;16", (6, 5))])
+def test_the_fast_png_decoder_equals_pil(mode, shape):
+    """8-bit grey and RGB PNGs take torchvision's decoder; every other PNG PIL's path, read as grey."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from aol_dist.data.images import decode_image, decode_image_pil, encode_image
+
+    rng = np.random.default_rng(0)
+    if mode in ("L", "RGB"):
+        data = encode_image(rng.integers(0, 256, shape, dtype=np.uint8))
+    else:
+        array = rng.integers(0, 200, shape).astype(np.uint16 if mode == "I;16" else np.uint8)
+        buf = io.BytesIO()
+        image = Image.fromarray(array) if mode == "I;16" else Image.fromarray(array, mode=mode)
+        assert image.mode == mode
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+    fast, reference = decode_image(data), decode_image_pil(data)
+    assert fast.dtype == np.uint8 and fast.shape == reference.shape == (shape if mode in ("L", "RGB") else shape[:2])
+    assert np.array_equal(fast, reference)
+    jpeg = encode_image(rng.integers(0, 256, (8, 8), dtype=np.uint8), "jpg")
+    assert np.array_equal(decode_image(jpeg), decode_image_pil(jpeg))

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
+from aol_dist.data.images import IMAGE_FORMATS, decode_image, encode_image, image_entry  # noqa: F401 (re-exported)
 from aol_dist.data.tario import TarFormatError, decode_npy, iter_members
 
 MANIFEST = "manifest.json"
@@ -49,27 +49,6 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-IMAGE_FORMATS = ("png", "jpg")
-#: JPEG quality of ``image_format="jpg"``: visually lossless for radiographs, ~4x faster to decode than PNG.
-JPEG_QUALITY = 95
-
-
-def encode_image(image: np.ndarray, image_format: str = "png", key: str = "?") -> bytes:
-    """(H, W) grey or (H, W, 3) RGB uint8 -> PNG (lossless) or JPEG bytes, in the image's own mode."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise ValueError(f"sample {key}: image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"sample {key}: image format {image_format!r} not in {IMAGE_FORMATS}")
-    buf = io.BytesIO()
-    pil = Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB")
-    if image_format == "png":
-        pil.save(buf, format="PNG", compress_level=1)
-    else:  # fixed settings so a re-run writes the same bytes
-        pil.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0 if image.ndim == 3 else -1)
-    return buf.getvalue()
-
-
 def encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
     """Canonical sample dict -> the files of one tar sample (suffix -> bytes).
 
@@ -87,22 +66,6 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
     if sample.get("tokens") is not None:
         files["tokens.npy"] = _npy_bytes(np.asarray(sample["tokens"], dtype=np.int32))
     return files
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Image entry -> (H, W) uint8 for grey, (H, W, 3) uint8 for RGB (shards hold only these two modes)."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("L")
-        return np.asarray(im, dtype=np.uint8)
-
-
-def image_entry(raw: dict[str, bytes]) -> bytes:
-    """The image bytes of a raw tar sample, whichever format it was written in."""
-    for suffix in IMAGE_FORMATS:
-        if suffix in raw:
-            return raw[suffix]
-    raise KeyError("png or jpg")
 
 
 def decode_array(data: bytes) -> np.ndarray:
@@ -157,7 +120,7 @@ def split_shards(shard_dir: str | Path, manifest: dict[str, Any], split: str) ->
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -168,7 +131,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary name and rename, so ``path`` is whole or absent."""
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def _sha256(path: Path) -> str:

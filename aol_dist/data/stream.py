@@ -13,6 +13,7 @@ from the DataLoader worker this code runs in (or is passed explicitly in tests).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -52,6 +53,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["truth"] = torch.from_numpy(np.stack([s["truth"] for s in samples]))
     if all("tokens" in s for s in samples):
         batch["tokens"] = torch.from_numpy(np.stack([s["tokens"] for s in samples]))
+    if any("ids" in s for s in samples):  # the study ids (subject, study, dicom), for the label audit
+        batch["ids"] = [s.get("ids", {}) for s in samples]
     return batch
 
 
@@ -65,6 +68,8 @@ def decode_sample(raw: dict[str, bytes], label_index: Sequence[int] | None, shar
             out["truth"] = decode_array(raw["truth.npy"])
         if "tokens.npy" in raw:
             out["tokens"] = decode_array(raw["tokens.npy"])
+        if "ids.json" in raw:
+            out["ids"] = json.loads(raw["ids.json"])
     except KeyError as e:
         raise ValueError(f"{shard}: sample {raw.get('__key__')} has no {e.args[0]!r} entry") from None
     except Exception as e:  # noqa: BLE001 - name the sample whatever failed

@@ -68,14 +68,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
             "data.shuffle_buffer=16", "train.steps=2", "train.log_every=1", "train.eval_batch_size=64",
             "train.checkpoint_every=0", "train.keep_checkpoints=1", "train.plots=false"),
            seeds=1),
-    # Sized in docs/benchmark.md: about 15 s a run on the synthetic rows, 30 s on CIFAR, two side by side.
-    # CIFAR gets 600 steps: at 300 its seed-to-seed spread of accuracy (0.03-0.07) hid the gap to the truth.
-    Preset("quick", "CPU, 2 cores, <= 30 min: 32 px, ResNet-tiny, batch 32, 300 steps (CIFAR 600), one thread per run",
+    # Sized in docs/quality.md: about 16 s a run on the synthetic rows, 21 s on CIFAR (aol:paper 2-4 times
+    # that), two side by side. CIFAR gets 400 steps: at 300 its seed-to-seed spread of accuracy (0.03-0.07)
+    # hid the gap to the truth; 600 (measured 2026-11-26) took the preset to 34 min, over its 30.
+    Preset("quick", "CPU, 2 cores, <= 30 min: 32 px, ResNet-tiny, batch 32, 300 steps (CIFAR 400), one thread per run",
            Scale(image_size=32, train=3000, test=1000),
            ("model.arch=resnet_tiny", "method.lr=1e-3", "data.batch_size=32", "data.num_workers=0",
             "data.shuffle_buffer=256", "train.steps=300", "train.log_every=50", "train.eval_batch_size=250",
             "train.checkpoint_every=0", "train.keep_checkpoints=1", "train.plots=false"),
-           seeds=3, per_benchmark={"cifar10-paper": ("train.steps=600",), "cifar10h": ("train.steps=600",)}),
+           seeds=3, per_benchmark={"cifar10-paper": ("train.steps=400",), "cifar10h": ("train.steps=400",)}),
     Preset("full", "GPUs, the paper's settings (Sec. 5.1): ResNet-50, 256 px synthetic images (CIFAR at its "
            "native 32 px), batch 32, Adam 1e-4, 10,000 steps",
            Scale(image_size=256, train=10000, test=2000),
