@@ -257,3 +257,60 @@ def test_a_study_directory_of_other_settings_is_refused(tmp_path):
     bad = subprocess.run([BIN / "aol", "study", "--preset", "smoke", "--out", tmp_path / "x", "--set", "train.steps=no",
                           "--dry-run"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "train.steps: cannot read 'no' as int" in bad.stderr
+
+
+def _descendants(pid):
+    """Every process below ``pid`` (from /proc: pid -> parent pid)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - out
+        out |= frontier
+    return out
+
+
+def _running(pids):
+    from aol_dist.study.runner import _alive
+
+    return {p for p in pids if _alive(p)}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_killed_study_leaves_no_run_going(tmp_path, sig):
+    """Killing the study (kill, a scheduler's limit, SIGKILL) ends its runs too: none goes on writing a run
+    directory that the next study would start again."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    study = subprocess.Popen([BIN / "aol", "study", "--preset", "smoke", "--out", tmp_path, "--benchmarks", "instance",
+                              "--methods", "majority", "--seeds", "2", "--parallel", "2", "--set", "train.steps=100000"],
+                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "runs" / "instance").glob("*.incomplete"))) < 2:  # both runs training
+            assert time.monotonic() < deadline and study.poll() is None, "the study's runs never started"
+            time.sleep(0.5)
+        runs = _descendants(study.pid)
+        assert runs
+        study.send_signal(getattr(signal, sig))
+        study.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _running(runs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _running(runs), f"still running after the study's {sig}: {_running(runs)}"
+        assert sorted(p.name for p in (tmp_path / "runs" / "instance").glob("*.incomplete")) == [
+            "majority-s0.incomplete", "majority-s1.incomplete"]  # unfinished, restarted by the next study
+    finally:  # the fork server and the runs may have been reparented: kill what was seen below the study
+        study.kill()
+        for p in _running(runs | _descendants(study.pid)):
+            os.kill(p, 9)

@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass
@@ -142,8 +143,36 @@ def _die_with_parent() -> None:
         pass
 
 
-def _forked_main(argv: list[str], log: str, env: dict[str, str]) -> None:
-    """A forked run (``launch="fork"``): its own environment and log, one thread, then the training entry point."""
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _watch_study(study: int, every: float = 1.0) -> None:
+    """A forked run's parent is the fork server, not the study, so PR_SET_PDEATHSIG does not see the study die:
+    a thread SIGTERMs the run once the study is gone (killed by SIGKILL too)."""
+    import threading
+
+    def watch() -> None:
+        while _alive(study):
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="study-watchdog", daemon=True).start()
+
+
+def _forked_main(argv: list[str], log: str, env: dict[str, str], study: int) -> None:
+    """A forked run (``launch="fork"``): its own environment and log, one thread, then the training entry point;
+    it ends when the study (process ``study``) ends."""
     os.environ.clear()
     os.environ.update(env)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -151,6 +180,7 @@ def _forked_main(argv: list[str], log: str, env: dict[str, str]) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     _die_with_parent()
+    _watch_study(study)
     import torch
 
     torch.set_num_threads(1)  # torch was imported by the server, before OMP_NUM_THREADS could say so
@@ -169,7 +199,7 @@ class _Process:
             self.proc: Any = subprocess.Popen([sys.executable, "-m", "aol_dist.train", *argv], stdout=self.log,
                                               stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         elif launch == "fork":
-            self.proc = _fork_context().Process(target=_forked_main, args=(argv, str(log), env))
+            self.proc = _fork_context().Process(target=_forked_main, args=(argv, str(log), env, os.getpid()))
             self.proc.start()
         else:
             raise ValueError(f"launch must be fork or exec, got {launch!r}")
@@ -219,6 +249,18 @@ class _Running:
     start: float
 
 
+def _exit_on_sigterm() -> Callable[[], None]:
+    """While the grid runs, SIGTERM (``kill``, a scheduler's time limit) exits through ``finally``, which ends
+    the running runs; returns what restores the previous handler. Only the main thread can set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def run_grid(runs: Sequence[Run], results: Path, preset_toml: Path, parallel: int, gpus: int = 0,
              say: Callable[[str], None] = print, launch: str = "fork") -> dict[str, Any]:
     """Run every unfinished run of ``runs``, ``parallel`` at a time; append a row per finished run.
@@ -239,6 +281,7 @@ def run_grid(runs: Sequence[Run], results: Path, preset_toml: Path, parallel: in
     running: list[_Running] = []
     failed: list[str] = []
     done = 0
+    restore = _exit_on_sigterm()
     try:
         while todo or running:
             while todo and len(running) < max(1, parallel):
@@ -267,4 +310,5 @@ def run_grid(runs: Sequence[Run], results: Path, preset_toml: Path, parallel: in
     finally:
         for r in running:  # interrupted: end the runs this study started (they restart on the next call)
             r.proc.stop()
+        restore()
     return {"skipped": skipped, "recovered": recovered, "ran": done - len(failed), "failed": failed}
