@@ -65,13 +65,13 @@ def measure(shard_dir: str | Path, split: str = "train", batch_size: int = 32, s
     """Read one epoch of ``split`` in this process; images/s per CPU second and per wall second."""
     import torch
 
-    from aol_dist.data.shards import read_manifest, split_shards
+    from aol_dist.data.shards import label_shape, read_manifest, split_shards
     from aol_dist.data.stream import TrainStream
 
     torch.set_num_threads(1)  # one core: the figure is per core
     manifest = read_manifest(shard_dir)
     stream = TrainStream(split_shards(shard_dir, manifest, split), rank=0, world_size=1, batch_size=batch_size,
-                         shuffle_buffer=shuffle_buffer)
+                         shuffle_buffer=shuffle_buffer, label_shape=label_shape(manifest))
     for i, _ in enumerate(stream.iter_worker(0, 1)):  # warm-up: file cache, lazy imports, allocator
         if i + 1 >= warmup_batches:
             break

@@ -246,3 +246,14 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def unusable_run(run: Path) -> str | None:
+    """Why ``run`` cannot be evaluated or audited (one line), or None."""
+    if run.name.endswith(".incomplete") or (not run.exists() and run.with_name(run.name + ".incomplete").exists()):
+        return (f"{run}: the run has not finished (its directory is renamed from .incomplete when it ends); "
+                f"resume it with train.resume=latest or evaluate a finished run")
+    for name in ("config.toml", "model.pt"):
+        if not (run / name).is_file():
+            return f"{run}: no {name}; give a finished run directory (one that holds config.toml and model.pt)"
+    return None

@@ -92,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from aol_dist import dist
     from aol_dist.config import load_config
-    from aol_dist.data.shards import read_manifest, split_shards
+    from aol_dist.data.shards import label_shape, read_manifest, split_shards
     from aol_dist.data.stream import EvalStream, make_loader
     from aol_dist.evaluate import evaluate, write_results
     from aol_dist.report import auc_table
@@ -100,9 +100,21 @@ def _eval(args: argparse.Namespace) -> int:
     from aol_dist.parts import build_parts
 
     run = Path(args.run)
+    from aol_dist.checkpoint import unusable_run
+
+    problem = unusable_run(run)
+    if problem:
+        print(f"aol eval: {problem}", file=sys.stderr)
+        return 2
     config = load_config(run / "config.toml")
     shard_dir = args.shards or config.data.shards
     manifest = read_manifest(shard_dir)
+    trained_on = read_manifest(config.data.shards) if Path(config.data.shards, "manifest.json").is_file() else manifest
+    for key in ("image_size", "channels"):
+        if trained_on.get(key, 1) != manifest.get(key, 1):
+            print(f"aol eval: {shard_dir} holds images of {key} {manifest.get(key, 1)}, the run trained on "
+                  f"{trained_on.get(key, 1)} ({config.data.shards}): convert the split at the run's size", file=sys.stderr)
+            return 2
     check_tokenizer(manifest, config.model.text_encoder, where=str(shard_dir))
     world = dist.init_world() if "WORLD_SIZE" in os.environ else dist.World()
     checkpoint = torch.load(run / "model.pt", map_location=world.device, weights_only=True)
@@ -114,7 +126,8 @@ def _eval(args: argparse.Namespace) -> int:
     parts = build_parts(config, {**manifest, "label_sets": checkpoint["label_sets"]}, world)
     parts.model.load_state_dict(checkpoint["model"])
     for split in args.split:
-        stream = EvalStream(split_shards(shard_dir, manifest, split), world.rank, world.world_size, args.batch_size, index)
+        stream = EvalStream(split_shards(shard_dir, manifest, split), world.rank, world.world_size, args.batch_size, index,
+                            label_shape(manifest))
         result = evaluate(parts.model, make_loader(stream, 0), names, manifest["findings"], world, parts.predict,
                           label_kind=parts.label_kind)
         if world.is_main:

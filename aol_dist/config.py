@@ -136,7 +136,9 @@ class MethodConfig:
         _require(self.trust_input in ("auto", "features", "meta", "none"),
                  f"method.trust_input must be auto, features, meta or none, got {self.trust_input!r}")
         _require(self.trust_lr > 0, "method.trust_lr must be > 0")
-        _require(self.meta_lr > 0 and self.lr > 0 and self.attention_lr >= 0, "learning rates must be positive")
+        for key in ("meta_lr", "lr"):
+            _require(getattr(self, key) > 0, f"method.{key} must be > 0, got {getattr(self, key)}")
+        _require(self.attention_lr >= 0, f"method.attention_lr must be >= 0 (0: the majority vote), got {self.attention_lr}")
         _require(self.k > 0, "method.k must be > 0")
 
 

@@ -18,7 +18,7 @@ from aol_dist import checkpoint
 from aol_dist import dist as D
 from aol_dist.config import Config
 from aol_dist.data.convert.tokenize import check_tokenizer
-from aol_dist.data.shards import atomic_write_text, read_manifest, split_shards
+from aol_dist.data.shards import atomic_write_text, label_shape, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
 from aol_dist.evaluate import evaluate, write_results
 from aol_dist.faults import StepGuard
@@ -123,7 +123,7 @@ def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world
     results = {}
     for split in config.data.eval_splits:
         stream = EvalStream(split_shards(config.data.shards, manifest, split), world.rank, world.world_size,
-                            config.train.eval_batch_size, label_index)
+                            config.train.eval_batch_size, label_index, label_shape(manifest))
         result = evaluate(parts.model, make_loader(stream, 0), parts.label_sets, parts.findings, world,
                           predict=parts.predict, roc_thresholds=ROC_THRESHOLDS if config.train.plots else 0,
                           label_kind=parts.label_kind)
@@ -145,12 +145,15 @@ def train(config: Config, world: D.World) -> Path:
     manifest = read_manifest(config.data.shards)
     check_tokenizer(manifest, config.model.text_encoder, where=str(config.data.shards))  # before any work
     _, label_index = resolve_label_sets(config, manifest)
+    for split in (config.data.train_split, *config.data.eval_splits):  # every split the run needs, before any step
+        split_shards(config.data.shards, manifest, split)
     parts = build_parts(config, manifest, world)
     engine = maybe_deepspeed(parts, config, world)  # DeepSpeed launch configs: ZeRO owns the update
     optimizers = {} if engine else _optimizers(parts)
     shards = split_shards(config.data.shards, manifest, config.data.train_split)
     stream = TrainStream(shards, world.rank, world.world_size, config.data.batch_size, tc.seed,
-                         config.data.shuffle_buffer, config.data.num_workers, label_index)
+                         config.data.shuffle_buffer, config.data.num_workers, label_index,
+                         label_shape=label_shape(manifest))
     loader = make_loader(stream, config.data.num_workers)
     run = checkpoint.open_run_dir(config, world)
     if run.finished:

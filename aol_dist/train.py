@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from aol_dist import dist
+from aol_dist import dist, lifeline
 from aol_dist.config import ConfigError, load_config
 from aol_dist.loop import train
 
@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if lifeline.launched():  # a rank ends with its launcher, even one killed by SIGKILL (docs/reliability.md)
+        lifeline.end_with_parent()
     world = dist.init_world(config.train.collective_timeout_s)
     try:
         train(config, world)

@@ -175,7 +175,10 @@ def test_image_folder_with_multi_label_columns(folder):
                              split_from_folder=True, image_size=16, workers=1)
     assert report["kept"] == {"train": 3, "validate": 1, "test": 1}
     assert report["dropped"] == {"images_without_label_row": 1, "unreadable_image": 1}
-    assert "00000004_000.png" in report["failed"][0]["reason"]
+    assert any("00000004_000.png" in f["reason"] for f in report["failed"])
+    # the dropped image is named, not only counted
+    assert {"file": str(folder / "img" / "train" / "unlisted.png"),
+            "reason": f"images_without_label_row: no row in {folder / 'labels.csv'}"} in report["failed"]
     s = inspect(folder / "out")
     assert s["findings"] == ["Cardiomegaly", "Effusion", "No Finding"]
     assert s["splits"]["train"]["prevalence"]["Finding Labels"] == pytest.approx([2 / 3, 1 / 3, 1 / 3], abs=1e-3)
@@ -200,3 +203,41 @@ def test_rerun_reuses_finished_shards(npz, tmp_path):
     (tmp_path / "out" / "train-000002.tar").unlink()
     assert convert_generic(tmp_path / "out", **kw)["reused_shards"] == 2
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == first
+
+
+def test_a_label_row_without_an_image_is_named(folder):
+    (folder / "labels.csv").write_text((folder / "labels.csv").read_text() + "ghost.png,Effusion,Effusion\n")
+    report = convert_generic(folder / "out", images=str(folder / "img"), labels_csv=str(folder / "labels.csv"),
+                             id_column="Image Index", label_columns=["Finding Labels"], multi_label=True, image_size=16)
+    assert report["dropped"]["label_rows_without_image"] == 1
+    assert any(f["file"].endswith("labels.csv: row 7 (line 8), column 'Image Index': 'ghost.png'") for f in report["failed"])
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"y": np.where(np.arange(60) == 4, np.nan, np.arange(60) % 10)}, r"\['y'\]: index 4 holds nan, expected a whole"),
+    ({"y": np.arange(60) % 10, "t": np.arange(59) % 10}, r"\['t'\]: shape \(59,\), expected \(60,\) class indices"),
+    ({"y": np.eye(5, dtype=np.uint8)[np.arange(60) % 5] * np.where(np.arange(60) == 3, 2, 1)[:, None]},
+     r"\['y'\]: index 3, column 3 holds 2, expected 0/1 vectors"),
+])
+def test_bad_npz_label_values_are_one_line_naming_the_index(tmp_path, arrays, message):
+    x = np.zeros((60, 8, 8), np.uint8)
+    np.savez(tmp_path / "bad.npz", x=x, **arrays)
+    with pytest.raises(ConversionError, match=message):
+        convert_generic(tmp_path / "out", npz=str(tmp_path / "bad.npz"), npz_labels=["y"],
+                        npz_truth="t" if "t" in arrays else None)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_npz_split_and_an_evaluation_only_split_with_truth(npz, tmp_path):
+    data = dict(np.load(npz / "tiny.npz"))
+    split = np.where(np.arange(60) < 40, "train", "test")
+    np.savez(tmp_path / "split.npz", **data, split=split)
+    report = convert_generic(tmp_path / "out", npz=str(tmp_path / "split.npz"), npz_labels=["y"], npz_split="split")
+    assert report["kept"] == {"train": 40, "test": 20}
+    report = convert_generic(tmp_path / "eval", npz=str(npz / "tiny.npz"), npz_truth="y", split="test")
+    manifest = read_manifest(tmp_path / "eval")
+    assert report["kept"] == {"test": 60} and manifest["label_sets"] == [] and manifest["splits"]["test"]["has_truth"]
+    assert verify(tmp_path / "eval") == {"test": 60}
+    np.savez(tmp_path / "badsplit.npz", **data, split=np.where(np.arange(60) < 40, "train", "holdout"))
+    with pytest.raises(ConversionError, match=r"\['split'\]: index 40 names split 'holdout'"):
+        convert_generic(tmp_path / "bad", npz=str(tmp_path / "badsplit.npz"), npz_labels=["y"], npz_split="split")

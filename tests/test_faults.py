@@ -108,3 +108,44 @@ def test_a_rank_that_hangs_mid_step_ends_the_job_within_the_timeout_naming_it(sh
     assert seconds < 90, f"took {seconds:.0f} s"
     line = next((li for li in out.splitlines() if li.startswith("aol_dist.train: rank 0 of 2 failed")), "")
     assert "gradient all-reduce of step 3 failed" in line and "Ranks 1 failed to pass monitoredBarrier" in line, out[-3000:]
+
+
+_FAKE_LAUNCHER = """
+import os, subprocess, sys, time
+env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": sys.argv[2], "TORCHELASTIC_RUN_ID": "test", "OMP_NUM_THREADS": "1"}
+rank = subprocess.Popen([sys.executable, "-m", "aol_dist.train", *sys.argv[3:]], env=env, start_new_session=True)
+open(sys.argv[1], "w").write(str(rank.pid))
+time.sleep(600)
+"""
+
+
+def test_a_rank_ends_with_its_launcher_even_in_a_session_of_its_own(shard_dir, tmp_path):
+    """SIGKILL of a launcher whose rank runs in its own session (as torchrun's do) ends the rank too."""
+    import subprocess
+
+    from aol_dist.lifeline import alive
+
+    pid_file = tmp_path / "rank.pid"
+    launcher = subprocess.Popen([sys.executable, "-c", _FAKE_LAUNCHER, str(pid_file), str(free_port()),
+                                 f"data.shards={shard_dir}",
+                                 "data.num_workers=0", "model.arch=resnet_tiny", "method.name=majority",
+                                 "train.steps=100000", f"train.out_dir={tmp_path}", "train.run_name=r"])
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "r.incomplete" / "config.toml").exists():  # the rank is training
+            assert time.monotonic() < deadline and launcher.poll() is None
+            time.sleep(0.5)
+        rank = int(pid_file.read_text())
+        assert alive(rank)
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while alive(rank) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(rank), "the rank outlived its launcher"
+        assert (tmp_path / "r.incomplete").is_dir() and not (tmp_path / "r").exists()
+    finally:
+        launcher.kill()
+        if pid_file.exists() and alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), 9)

@@ -277,9 +277,9 @@ def _descendants(pid):
 
 
 def _running(pids):
-    from aol_dist.study.runner import _alive
+    from aol_dist.lifeline import alive
 
-    return {p for p in pids if _alive(p)}
+    return {p for p in pids if alive(p)}
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")

@@ -66,12 +66,13 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
     from aol_dist.config import ConfigError, load_config
     from aol_dist.data.shards import read_manifest
 
+    from aol_dist.checkpoint import unusable_run
+
     if mc_samples < 1:
         raise AuditError(f"--mc-samples must be >= 1 (the Monte-Carlo batch-norm passes T), got {mc_samples}")
-    for name in ("config.toml", "model.pt"):
-        if not (run / name).is_file():
-            raise AuditError(f"{run}: no {name}; give a finished run directory (one that holds config.toml and "
-                             f"model.pt)")
+    problem = unusable_run(run)
+    if problem:
+        raise AuditError(problem)
     try:
         config = load_config(run / "config.toml")
     except ConfigError as e:
@@ -104,14 +105,15 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
 
 def mc_batches(config: Any, samples: int, seed: int, device: torch.device) -> list[dict[str, Any]]:
     """T random training mini-batches (batch size of the run), the same on every rank for one seed."""
-    from aol_dist.data.shards import read_manifest, split_shards
+    from aol_dist.data.shards import label_shape, read_manifest, split_shards
     from aol_dist.data.stream import TrainStream, to_device
     from aol_dist.parts import resolve_label_sets
 
     manifest = read_manifest(config.data.shards)
     _, index = resolve_label_sets(config, manifest)
     stream = TrainStream(split_shards(config.data.shards, manifest, config.data.train_split), 0, 1,
-                         config.data.batch_size, seed, config.data.shuffle_buffer, 1, index)
+                         config.data.batch_size, seed, config.data.shuffle_buffer, 1, index,
+                         label_shape=label_shape(manifest))
     out: list[dict[str, Any]] = []
     epoch = 0
     while len(out) < samples:
@@ -297,7 +299,7 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     from aol_dist import dist
     from aol_dist.audit.consensus import consensus_source
     from aol_dist.audit.mc_batchnorm import MCBatchNorm
-    from aol_dist.data.shards import split_shards
+    from aol_dist.data.shards import label_shape, split_shards
     from aol_dist.data.stream import EvalStream
     from aol_dist.parts import build_parts
 
@@ -313,7 +315,7 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     mc = MCBatchNorm(parts.model, mc_batches(config, mc_samples, seed, world.device),
                      lambda model, batch: model(batch["image"], parts.text(batch)))
     stream = EvalStream(split_shards(inputs.shard_dir, inputs.manifest, split), world.rank, world.world_size,
-                        batch_size, inputs.index)
+                        batch_size, inputs.index, label_shape(inputs.manifest))
     rows = gather(score_split(parts, config, stream, mc, world), world)
     if rows is None:
         return None

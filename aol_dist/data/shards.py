@@ -110,6 +110,33 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def label_shape(manifest: dict[str, Any]) -> tuple[int, int]:
+    """(M, N): the shape of every sample's label array (label sets x findings)."""
+    return len(manifest["label_sets"]), len(manifest["findings"])
+
+
+def check_labels(labels: np.ndarray, truth: np.ndarray | None, shape: tuple[int, int] | None, where: str) -> None:
+    """A sample's label array must be ``shape`` (M, N) and its truth (N,), every value 0 or 1; else
+    :class:`ShardError` naming ``where`` (shard and sample). ``shape`` None: the values, and the truth's
+    length against the labels', only."""
+    m, n = shape if shape is not None else (labels.shape[0], labels.shape[-1])
+    if labels.shape != (m, n):
+        raise ShardError(f"{where}: labels shape {labels.shape}, manifest says ({m}, {n})")
+    if truth is not None and truth.shape != (n,):
+        raise ShardError(f"{where}: truth shape {truth.shape}, manifest says ({n},)")
+    for name, a in (("label", labels), ("truth", truth)):
+        if a is not None and a.size and ((a != 0) & (a != 1)).any():
+            bad = sorted({v.item() for v in a[(a != 0) & (a != 1)]})
+            raise ShardError(f"{where}: {name} values {bad[:5]} outside {{0, 1}}")
+
+
+def check_count(path: Path, seen: int, listed: int) -> None:
+    """A shard read whole must hold the samples the manifest lists for it."""
+    if seen != listed:
+        raise ShardError(f"{path}: {seen} samples, manifest says {listed}: the shard or manifest.json changed "
+                         f"after conversion (`aol shards verify` checks every shard)")
+
+
 def split_shards(shard_dir: str | Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
     """``[(path, samples), ...]`` of one split, in manifest order."""
     if split not in manifest["splits"]:
@@ -261,8 +288,35 @@ def write_manifest(out_dir: str | Path, *, dataset: str, findings: Sequence[str]
             for name, records in splits.items()
         },
     }
+    manifest["splits"] = _kept_splits(Path(out_dir) / MANIFEST, manifest) | manifest["splits"]
     atomic_write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
+
+
+#: What splits of one directory must share (with the defaults of manifests written before the key).
+_SHARED = {"findings": None, "label_sets": None, "label_kind": "multilabel", "image_size": None, "channels": 1,
+           "image_format": "png", "tokenizer": None}
+
+
+def _kept_splits(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The splits an existing manifest at ``path`` lists that the new one does not write: kept, so converting
+    another split into a directory adds it and never drops one; a directory whose splits were converted with
+    other findings, label sets or image settings is refused (:class:`ShardError`), its manifest untouched."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    kept = {k: v for k, v in old.get("splits", {}).items() if k not in manifest["splits"]}
+    if not kept:
+        return {}
+    if "label_kind" not in old:
+        old["label_kind"] = label_kind(old)
+    differ = [k for k, default in _SHARED.items() if old.get(k, default) != manifest[k]]
+    if differ:
+        raise ShardError(f"{path}: holds split(s) {', '.join(sorted(kept))} converted with other "
+                         f"{', '.join(differ)} ({', '.join(f'{k}={old.get(k, _SHARED[k])!r}' for k in differ)}, "
+                         f"this conversion: {', '.join(f'{k}={manifest[k]!r}' for k in differ)}); convert into "
+                         f"another directory (the manifest is unchanged)")
+    return kept
 
 
 def label_kind(manifest: dict[str, Any]) -> str:
@@ -289,7 +343,7 @@ def plan_jobs(split: str, items: Sequence[Any], samples_per_shard: int) -> list[
 
 def verify(shard_dir: str | Path) -> dict[str, int]:
     """Re-read every shard against the manifest: checksum, sample count, decodability, label, image and
-    token shapes.
+    token shapes, label and truth values in {0, 1}.
 
     Raises :class:`ShardError` naming the first bad shard; returns samples per split.
     """
@@ -323,13 +377,9 @@ def verify(shard_dir: str | Path) -> dict[str, int]:
                 if token_len is not None and (tokens is None or tokens.shape != (token_len,) or tokens.dtype != np.int32):
                     got = "none" if tokens is None else f"{tokens.dtype} {tokens.shape}"
                     raise ShardError(f"{where}: token ids {got}, manifest's tokenizer says int32 ({token_len},)")
-                if labels.shape != (m, n):
-                    raise ShardError(f"{where}: labels shape {labels.shape}, manifest says ({m}, {n})")
-                if truth is not None and truth.shape != (n,):
-                    raise ShardError(f"{where}: truth shape {truth.shape}, manifest says ({n},)")
+                check_labels(labels, truth, (m, n), where)
                 seen += 1
-            if seen != entry["samples"]:
-                raise ShardError(f"{path}: {seen} samples, manifest says {entry['samples']}")
+            check_count(path, seen, entry["samples"])
             total += seen
         counts[split] = total
     return counts
@@ -353,11 +403,16 @@ def inspect(shard_dir: str | Path) -> dict[str, Any]:
                            "tokenizer": manifest["tokenizer"], "splits": {}}
     for split, info in manifest["splits"].items():
         labels, truths = [], []
-        for path, _ in split_shards(shard_dir, manifest, split):
+        for path, count in split_shards(shard_dir, manifest, split):
+            seen = 0
             for raw in iter_tar_samples(path):
                 labels.append(decode_array(raw["labels.npy"]))
-                if "truth.npy" in raw:
-                    truths.append(decode_array(raw["truth.npy"]))
+                truth = decode_array(raw["truth.npy"]) if "truth.npy" in raw else None
+                check_labels(labels[-1], truth, label_shape(manifest), f"{path}: sample {raw['__key__']}")
+                if truth is not None:
+                    truths.append(truth)
+                seen += 1
+            check_count(path, seen, count)
         summary: dict[str, Any] = {"samples": len(labels), "shards": len(info["shards"]), "skipped": info.get("skipped", 0)}
         if labels:
             y = np.stack(labels).astype(np.float64)  # (S, M, N)

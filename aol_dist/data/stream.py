@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aol_dist.data.shards import decode_array, decode_image, image_entry, iter_tar_samples
+from aol_dist.data.shards import check_count, check_labels, decode_array, decode_image, image_entry, iter_tar_samples
 
 
 def rank_shards(shards: Sequence[Any], rank: int, world_size: int, seed: int, epoch: int) -> list[Any]:
@@ -58,14 +58,15 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def decode_sample(raw: dict[str, bytes], label_index: Sequence[int] | None, shard: Path) -> dict[str, Any]:
-    """Raw tar sample -> arrays; ``label_index`` picks and orders the label sets the method uses."""
+def decode_sample(raw: dict[str, bytes], label_index: Sequence[int] | None, shard: Path,
+                  label_shape: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Raw tar sample -> arrays; ``label_index`` picks and orders the label sets the method uses. The label
+    array must have ``label_shape`` (the manifest's M x N) and, with the truth, hold only 0 and 1
+    (:func:`~aol_dist.data.shards.check_labels`): a bad sample is named with its shard."""
     try:
         labels = decode_array(raw["labels.npy"])
-        out = {"key": raw["__key__"], "image": decode_image(image_entry(raw)),
-               "labels": labels if label_index is None else labels[list(label_index)]}
-        if "truth.npy" in raw:
-            out["truth"] = decode_array(raw["truth.npy"])
+        truth = decode_array(raw["truth.npy"]) if "truth.npy" in raw else None
+        out = {"key": raw["__key__"], "image": decode_image(image_entry(raw))}
         if "tokens.npy" in raw:
             out["tokens"] = decode_array(raw["tokens.npy"])
         if "ids.json" in raw:
@@ -74,6 +75,10 @@ def decode_sample(raw: dict[str, bytes], label_index: Sequence[int] | None, shar
         raise ValueError(f"{shard}: sample {raw.get('__key__')} has no {e.args[0]!r} entry") from None
     except Exception as e:  # noqa: BLE001 - name the sample whatever failed
         raise ValueError(f"{shard}: sample {raw.get('__key__')} cannot be decoded ({e})") from None
+    check_labels(labels, truth, label_shape, f"{shard}: sample {raw['__key__']}")
+    out["labels"] = labels if label_index is None else labels[list(label_index)]
+    if truth is not None:
+        out["truth"] = truth
     return out
 
 
@@ -91,6 +96,8 @@ class TrainStream(IterableDataset):
     label_index: Sequence[int] | None = None
     epoch: int = 0
     start_batch: int = 0
+    label_shape: tuple[int, int] | None = None
+    """The manifest's (M, N): every decoded sample's label array is checked against it."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -134,20 +141,23 @@ class TrainStream(IterableDataset):
         for j in range(quota):
             chunk = [next(samples) for _ in range(self.batch_size)]
             if j >= first:  # skipped batches are read but never decoded
-                batch = collate([decode_sample(raw, self.label_index, shard) for shard, raw in chunk])
+                batch = collate([decode_sample(raw, self.label_index, shard, self.label_shape) for shard, raw in chunk])
                 batch["index"] = j * num_workers + worker
                 yield batch
 
     def _shuffled(self, shards: list[tuple[Path, int]], rng: np.random.Generator) -> Iterator[tuple[Path, dict]]:
         buffer: list[tuple[Path, dict]] = []
         while True:  # passes over this worker's shards until the quota is met
-            for path, _ in shards:
+            for path, listed in shards:
+                seen = 0
                 for raw in iter_tar_samples(path):
+                    seen += 1
                     buffer.append((path, raw))
                     if len(buffer) >= self.shuffle_buffer:
                         i = int(rng.integers(len(buffer)))
                         buffer[i], buffer[-1] = buffer[-1], buffer[i]
                         yield buffer.pop()
+                check_count(path, seen, listed)  # the epoch's length comes from the manifest's counts
             if not any(n for _, n in shards):
                 raise ValueError(f"rank {self.rank} worker has only empty shards: {[str(p) for p, _ in shards]}")
             order = rng.permutation(len(buffer))
@@ -166,21 +176,26 @@ class EvalStream(IterableDataset):
     world_size: int
     batch_size: int
     label_index: Sequence[int] | None = None
+    label_shape: tuple[int, int] | None = None
+    """The manifest's (M, N), as in :class:`TrainStream`."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         offsets = np.cumsum([0] + [n for _, n in self.shards])
         chunk: list[dict[str, Any]] = []
-        for s, (path, _) in enumerate(self.shards):
+        for s, (path, listed) in enumerate(self.shards):
             if s % num_workers != worker:
                 continue
+            seen = 0
             for j, raw in enumerate(iter_tar_samples(path)):
+                seen += 1
                 if (offsets[s] + j) % self.world_size == self.rank:
-                    chunk.append(decode_sample(raw, self.label_index, path))
+                    chunk.append(decode_sample(raw, self.label_index, path, self.label_shape))
                     if len(chunk) == self.batch_size:
                         yield collate(chunk)
                         chunk = []
+            check_count(path, seen, listed)  # rank r keeps i = r mod W of the manifest's numbering
         if chunk:
             yield collate(chunk)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from aol_dist.lifeline import end_with
 from aol_dist.study.benchmarks import TEST_SPLIT
 from aol_dist.study.grid import Run
 
@@ -143,33 +144,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _watch_study(study: int, every: float = 1.0) -> None:
-    """A forked run's parent is the fork server, not the study, so PR_SET_PDEATHSIG does not see the study die:
-    a thread SIGTERMs the run once the study is gone (killed by SIGKILL too)."""
-    import threading
-
-    def watch() -> None:
-        while _alive(study):
-            time.sleep(every)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="study-watchdog", daemon=True).start()
-
-
 def _forked_main(argv: list[str], log: str, env: dict[str, str], study: int) -> None:
     """A forked run (``launch="fork"``): its own environment and log, one thread, then the training entry point;
     it ends when the study (process ``study``) ends."""
@@ -180,7 +154,7 @@ def _forked_main(argv: list[str], log: str, env: dict[str, str], study: int) -> 
     os.dup2(fd, 2)
     os.close(fd)
     _die_with_parent()
-    _watch_study(study)
+    end_with(study)  # its parent is the fork server, which outlives the study: watch the study itself
     import torch
 
     torch.set_num_threads(1)  # torch was imported by the server, before OMP_NUM_THREADS could say so

@@ -66,7 +66,7 @@ def _generic(a: argparse.Namespace) -> int:
                 separator=a.separator, label_from_folder=a.label_from_folder, classes=a.classes,
                 annotators=a.annotators, flip_pairs=_pairs(a.flip_pairs), votes=a.votes,
                 vote_annotators=a.vote_annotators, split=a.split, split_column=a.split_column,
-                split_from_folder=a.split_from_folder, validate_fraction=a.validate_fraction,
+                split_from_folder=a.split_from_folder, npz_split=a.npz_split, validate_fraction=a.validate_fraction,
                 test_fraction=a.test_fraction, image_size=a.image_size, color=a.color, aspect=a.aspect,
                 image_format=a.image_format, samples_per_shard=a.samples_per_shard, workers=a.workers,
                 seed=a.seed, dataset=a.name)
@@ -112,6 +112,7 @@ def add_converters(shards: Any) -> None:
     g.add_argument("--split", default="train", help="split of images not assigned otherwise")
     g.add_argument("--split-column", help="CSV column naming each image's split")
     g.add_argument("--split-from-folder", action="store_true", help="first folder names the split (train/valid/test)")
+    g.add_argument("--npz-split", help="npz key of an (n,) array of split names (train / validate / test), per image")
     g.add_argument("--validate-fraction", type=float, default=0.0)
     g.add_argument("--test-fraction", type=float, default=0.0)
     g.add_argument("--color", choices=("grey", "rgb"), default="grey", help="shard image mode")

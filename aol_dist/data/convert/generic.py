@@ -17,8 +17,13 @@ Label sets (each becomes one row of ``labels``; the findings are the classes). T
   human vote counts (CIFAR-10H), aligned with the npz order.
 
 ``truth`` (optional): ``--truth-column`` or ``--npz-truth``; required by the simulated annotators.
-Splits: ``--split-column``, ``--split-from-folder`` (first folder: train / valid(ate) / val / test), or
-random ``--validate-fraction`` / ``--test-fraction`` (seeded), the rest ``--split`` (default train).
+Splits: ``--split-column``, ``--split-from-folder`` (first folder: train / valid(ate) / val / test),
+``--npz-split KEY`` (an (n,) array of split names in the npz), or random ``--validate-fraction`` /
+``--test-fraction`` (seeded), the rest ``--split`` (default train). A split with truth and no label set
+(only ``--npz-truth`` or ``--truth-column``) is an evaluation-only split.
+
+Bad values end in one line naming the file, the image index or row, and the column; images without a label
+row and rows without an image are dropped, counted and named in the report's ``failed``.
 """
 
 from __future__ import annotations
@@ -106,11 +111,33 @@ def encode(value: str, classes: list[str], multi_label: bool, separator: str, wh
     return out
 
 
+def check_npz_labels(a: np.ndarray, n: int, what: str) -> np.ndarray:
+    """An npz label or truth array: one row per image, (n,) class indices or (n, K) 0/1 vectors, finite whole
+    numbers >= 0; else a ConversionError naming the array, the image index and the value."""
+    a = np.asarray(a)
+    if a.ndim not in (1, 2) or len(a) != n:
+        raise common.ConversionError(f"{what}: shape {a.shape}, expected ({n},) class indices or ({n}, K) 0/1 "
+                                     f"vectors, one row per image of the npz ({n} images)")
+    if a.dtype.kind not in "biuf":
+        raise common.ConversionError(f"{what}: dtype {a.dtype}, expected numbers")
+    with np.errstate(invalid="ignore"):  # NaN compares unequal to everything: a bad value like any other
+        bad = (a < 0) | (np.round(a) != a) | (~np.isfinite(a) if a.dtype.kind == "f" else False)
+    if bad.any():
+        first = np.argwhere(bad)[0]
+        at = f"index {first[0]}" + (f", column {first[1]}" if a.ndim == 2 else "")
+        raise common.ConversionError(f"{what}: {at} holds {a[tuple(first)].item()!r}, expected a whole number >= 0")
+    return a.astype(np.int64)
+
+
 def _one_hot(indices: np.ndarray, k: int, what: str) -> np.ndarray:
     indices = np.asarray(indices)
     if indices.ndim == 2:  # already (n, K) 0/1 vectors
-        if indices.shape[1] != k or not np.isin(indices, (0, 1)).all():
+        if indices.shape[1] != k:
             raise common.ConversionError(f"{what}: expected (n, {k}) 0/1 vectors, got shape {indices.shape}")
+        bad = np.argwhere(indices > 1)
+        if bad.size:
+            raise common.ConversionError(f"{what}: index {bad[0][0]}, column {bad[0][1]} holds {indices[tuple(bad[0])]}, "
+                                         f"expected 0/1 vectors")
         return indices.astype(np.uint8)
     bad = np.flatnonzero((indices < 0) | (indices >= k))
     if bad.size:
@@ -141,7 +168,8 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
                     classes: str | Sequence[str] | None = None, annotators: Sequence[str] = (),
                     flip_pairs: Sequence[tuple[str, str]] | None = None, votes: str | None = None,
                     vote_annotators: int = 0, split: str = "train", split_column: str | None = None,
-                    split_from_folder: bool = False, validate_fraction: float = 0.0, test_fraction: float = 0.0,
+                    split_from_folder: bool = False, npz_split: str | None = None, validate_fraction: float = 0.0,
+                    test_fraction: float = 0.0,
                     image_size: int | None = None, color: str = "grey", aspect: str = "stretch",
                     image_format: str = "png", samples_per_shard: int = 1000, workers: int = 1, seed: int = 0,
                     dataset: str | None = None) -> dict[str, Any]:
@@ -156,6 +184,7 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
     splits = [split] * n
 
     rows: list[dict[str, str] | None] = [None] * n
+    unmatched: list[dict[str, str]] = []  # named in the report's "failed"
     if labels_csv:
         if not id_column:
             raise common.ConversionError("--labels needs --id-column (the column naming each image)")
@@ -171,20 +200,25 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
             j = by_id.get(ident, by_name_index.get(Path(ident).name))
             if j is None:
                 dropped["label_rows_without_image"] += 1
+                unmatched.append({"file": f"{common.where(Path(labels_csv), r, id_column)}: {ident!r}",
+                                  "reason": "label_rows_without_image: no image of that name"})
                 continue
             rows[j] = {"__row__": str(r), **row}
             matched.add(j)
         keep &= np.array([j in matched for j in range(n)])
         dropped["images_without_label_row"] += int(n - len(matched))
+        unmatched += [{"file": str(sources[j]), "reason": "images_without_label_row: no row in " + str(labels_csv)}
+                      for j in range(n) if j not in matched]
     columns = [*label_columns, *([truth_column] if truth_column else [])]
     values = [v.strip() for row in rows if row for c in columns
               for v in (row[c].split(separator) if multi_label else [row[c]])]
     if label_from_folder and images is None:
         raise common.ConversionError("--label-from-folder needs --images DIR")
     folder = [(Path(images) / i).parent.name for i in ids] if label_from_folder else []
-    if npz is not None and classes is None and (npz_truth or npz_labels):
-        arrays = [_npz_array(str(npz), key) for key in (*([npz_truth] if npz_truth else []), *npz_labels)]
-        k_npz = max(a.shape[1] if a.ndim == 2 else int(a.max()) + 1 for a in arrays)
+    npz_arrays = {key: check_npz_labels(_npz_array(str(npz), key), n, f"{npz}[{key!r}]")
+                  for key in (*([npz_truth] if npz_truth else []), *npz_labels)}
+    if npz is not None and classes is None and npz_arrays:
+        k_npz = max(a.shape[1] if a.ndim == 2 else int(a.max()) + 1 for a in npz_arrays.values())
         classes = [str(i) for i in range(k_npz)]
     names = resolve_classes(classes, values + folder)
     k = len(names)
@@ -208,9 +242,9 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
     if truth_column:
         truth = column(truth_column)
     for key in npz_labels:
-        add(key, _one_hot(_npz_array(str(npz), key), k, f"{npz}[{key!r}]"))
+        add(key, _one_hot(npz_arrays[key], k, f"{npz}[{key!r}]"))
     if npz_truth:
-        truth = _one_hot(_npz_array(str(npz), npz_truth), k, f"{npz}[{npz_truth!r}]")
+        truth = _one_hot(npz_arrays[npz_truth], k, f"{npz}[{npz_truth!r}]")
     if label_from_folder:
         add("folder", np.stack([encode(f, names, False, separator, f"{ids[j]}: folder") for j, f in enumerate(folder)]))
 
@@ -234,11 +268,22 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
             add(f"human{a + 1}", np.eye(k, dtype=np.uint8)[drawn])
             if truth is not None:
                 simulated[f"human{a + 1}"] = {"observed_noise": round(float((drawn != truth.argmax(1))[keep].mean()), 4)}
-    if not sets:
+    if not sets and truth is None:
         raise common.ConversionError("no label set: give --label-column, --npz-labels, --label-from-folder, "
-                                     "--annotators or --votes")
+                                     "--annotators or --votes (or only a truth, for an evaluation-only split)")
 
-    if split_column:
+    if npz_split:
+        names_ = _npz_array(str(npz), npz_split) if npz is not None else None
+        if names_ is None or names_.shape != (n,):
+            raise common.ConversionError(f"--npz-split {npz_split!r}: needs an --npz source and an (n,) = ({n},) array "
+                                         f"of split names")
+        for j, value in enumerate(names_):
+            name_ = str(value).strip().lower()
+            if name_ not in SPLIT_NAMES:
+                raise common.ConversionError(f"{npz}[{npz_split!r}]: index {j} names split {name_!r}; expected one of "
+                                             f"{sorted(SPLIT_NAMES)}")
+            splits[j] = SPLIT_NAMES[name_]
+    elif split_column:
         for j, row in enumerate(rows):
             if row is not None:
                 value = row[split_column].strip().lower()
@@ -263,7 +308,8 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
             splits[j] = "validate"
 
     label_sets = list(sets)
-    stacked = np.stack([sets[s] for s in label_sets], axis=1)  # (n, M, K)
+    stacked = (np.stack([sets[s] for s in label_sets], axis=1) if sets
+               else np.zeros((n, 0, k), np.uint8))  # (n, M, K); M = 0: an evaluation-only split (truth only)
     if not multi_label:  # multi-class: the manifest promises one-hot label sets and truth
         for what, vectors in [*sets.items(), *([("truth", truth)] if truth is not None else [])]:
             bad = np.flatnonzero(keep & (vectors.sum(1) != 1))
@@ -292,4 +338,5 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
                           has_truth={s: truth is not None for s in records},
                           label_kind="multilabel" if multi_label else "multiclass")
     extra = {"annotators": {a: {k2: v for k2, v in d.items() if k2 != "confusion_matrix"} for a, d in simulated.items()}}
-    return common.finish(out, common.build_report(name, records, reused, Counter({a: b for a, b in dropped.items() if b}), extra))
+    report = common.build_report(name, records, reused, Counter({a: b for a, b in dropped.items() if b}), extra, unmatched)
+    return common.finish(out, report)
