@@ -5,6 +5,7 @@ import csv
 import gzip
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,7 +167,7 @@ def _rows(path):
 @pytest.mark.parametrize("name,source", [("posterior", "posterior"), ("paper", "attention"), ("majority", "majority")])
 def test_audit_writes_every_file_ranked_by_phi(trained, tmp_path, name, source):
     root, runs = trained
-    summary = run_audit(runs[name], "test", mc_samples=3, out=tmp_path, batch_size=5)
+    summary = run_audit(runs[name], "test", mc_samples=3, out=tmp_path, batch_size=5, rank_by="phi")
     assert summary["consensus"] == source and summary["samples"] == 17
     rows = _rows(tmp_path / "audit_test.csv.gz")
     assert sorted(r["key"] for r in rows) == [f"s{i:06d}" for i in range(24, 41)]  # every test sample once
@@ -240,8 +241,8 @@ def test_the_cli_prints_the_top_suspects_and_documents_its_files(trained, tmp_pa
     out = capsys.readouterr().out
     assert "label audit, test" in out and "wrong labels found by relabelling 10 %" in out
     assert main(["audit", str(runs["majority"]), "--split", "test", "--mc-samples", "1", "--out", str(tmp_path),
-                 "--rank-by", "expected_wrong", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["rank_by"] == "expected_wrong"
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rank_by"] == "expected_wrong"  # the default
     expected = [float(r["expected_wrong"]) for r in _rows(tmp_path / "audit_test.csv.gz")]
     assert expected == sorted(expected, reverse=True)
     assert main(["audit", str(runs["majority"]), "--split", "nope"]) == 2
@@ -250,3 +251,16 @@ def test_the_cli_prints_the_top_suspects_and_documents_its_files(trained, tmp_pa
     for name in ("audit_<split>.csv.gz", "consensus_<split>.csv.gz", "label_quality_<split>.json",
                  "label_quality_<split>.png", "relabel_<split>.json"):
         assert name in help_text
+
+
+def test_a_relative_shard_path_is_found_from_the_directory_the_run_was_trained_in(tmp_path, monkeypatch):
+    from aol_dist.audit.command import run_relative
+
+    (tmp_path / "project" / "shards" / "demo").mkdir(parents=True)
+    run = tmp_path / "project" / "runs" / "r"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # elsewhere: shards/demo does not exist from here
+    assert run_relative("shards/demo", run) == tmp_path / "project" / "shards" / "demo"
+    monkeypatch.chdir(tmp_path / "project")  # where it was trained: as given
+    assert run_relative("shards/demo", run) == Path("shards/demo")
+    assert run_relative("nowhere", run) == Path("nowhere")  # the error names it as given

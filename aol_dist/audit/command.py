@@ -8,6 +8,7 @@ checked before any work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -22,8 +23,8 @@ import torch
 
 OUTPUTS = """\
 files written to --out (default: RUN/audit):
-  audit_<split>.csv.gz          one row per sample, most suspect first (--rank-by: Phi = CE - H, paper 003
-                                Eq. 2-4, or expected_wrong): rank, key, the study ids, phi, expected_wrong
+  audit_<split>.csv.gz          one row per sample, most suspect first (--rank-by: expected_wrong, or Phi =
+                                CE - H of paper 003 Eq. 2-4): rank, key, the study ids, phi, expected_wrong
                                 (sum of |label - consensus|), confidence (C(x) over the labels
                                 the model contradicts), uncertainty (U(x), Monte-Carlo batch norm, paper
                                 004), wrong_labels (splits with truth), suspects (up to 3 entries
@@ -63,10 +64,9 @@ class Inputs:
 
 def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> Inputs:
     """Every bad input as an :class:`AuditError` naming the file or the value."""
-    from aol_dist.config import ConfigError, load_config
-    from aol_dist.data.shards import read_manifest
-
     from aol_dist.checkpoint import unusable_run
+    from aol_dist.config import ConfigError, load_config
+    from aol_dist.data.shards import ShardError, read_manifest
 
     if mc_samples < 1:
         raise AuditError(f"--mc-samples must be >= 1 (the Monte-Carlo batch-norm passes T), got {mc_samples}")
@@ -77,11 +77,12 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
         config = load_config(run / "config.toml")
     except ConfigError as e:
         raise AuditError(f"{run / 'config.toml'}: {e}") from None
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, shards=str(run_relative(config.data.shards, run))))
     shard_dir = Path(shards or config.data.shards)
     try:
         manifest = read_manifest(shard_dir)
-    except (OSError, ValueError) as e:
-        raise AuditError(f"{shard_dir}: cannot read the shards' manifest ({e})") from None
+    except (OSError, ValueError, ShardError) as e:
+        raise AuditError(f"{shard_dir}: cannot read the shards' manifest ({e}); give --shards DIR") from None
     if split not in manifest["splits"]:
         raise AuditError(f"{shard_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
     checkpoint = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
@@ -94,13 +95,24 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
     train_dir = Path(config.data.shards)
     try:
         train_manifest = read_manifest(train_dir)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ShardError) as e:
         raise AuditError(f"{train_dir}: the run's training shards (Monte-Carlo batch norm draws its batches from "
-                         f"them) cannot be read ({e})") from None
+                         f"them) cannot be read ({e}); run the audit from the directory the run was trained "
+                         f"in") from None
     if config.data.train_split not in train_manifest["splits"]:
         raise AuditError(f"{train_dir}: no training split {config.data.train_split!r} for Monte-Carlo batch norm")
     index = [manifest["label_sets"].index(n) for n in checkpoint["label_sets"]]
     return Inputs(config, manifest, shard_dir, checkpoint, list(checkpoint["label_sets"]), index)
+
+
+def run_relative(path: str, run: Path) -> Path:
+    """A relative shard path of a run's config: as given where it exists from here, else from the directory
+    that holds the run's out_dir (``runs/<name>`` -> ``.``), where training resolved it."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    beside = run.resolve().parent.parent / given
+    return beside if beside.exists() else given
 
 
 def mc_batches(config: Any, samples: int, seed: int, device: torch.device) -> list[dict[str, Any]]:
@@ -181,6 +193,14 @@ def gather(local: dict[str, Any], world: Any) -> dict[str, Any] | None:
             for k, v in merged.items()}
 
 
+def _wrong_entries(rows: dict[str, Any], multiclass: bool) -> np.ndarray:
+    """(S, M, N'): P(label m is wrong) if the consensus is right, per entry (what ``expected_wrong`` sums)."""
+    labels, consensus = rows["labels"].astype(float), rows["consensus"]
+    if multiclass:
+        return (1 - (labels * consensus[:, None, :]).sum(-1))[..., None]
+    return np.abs(labels - consensus[:, None, :])
+
+
 def _csv_gz(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     import csv
     import io
@@ -201,7 +221,7 @@ def _fmt(v: float) -> str:
 
 def write_outputs(out: Path, split: str, rows: dict[str, Any], label_sets: list[str], findings: list[str],
                   multiclass: bool, source: str, trust_training: dict[str, Any] | None, seed: int,
-                  rank_by: str = "phi") -> dict[str, Any]:
+                  rank_by: str = "expected_wrong") -> dict[str, Any]:
     """Write the files (see :data:`OUTPUTS`); returns the summary (paths, top suspects, relabelling)."""
     from aol_dist.audit import plots
     from aol_dist.audit.quality import label_quality, relabel_summary, wrong_labels
@@ -212,7 +232,7 @@ def write_outputs(out: Path, split: str, rows: dict[str, Any], label_sets: list[
     id_keys = sorted({k for ids in rows["ids"] for k in ids})
     has_truth = isinstance(rows["truth"], np.ndarray) and len(rows["truth"]) == n
     wrong = wrong_labels(rows["labels"], rows["truth"], multiclass) if has_truth else None
-    entry = rows["phi_entry"]  # (S, M, N')
+    entry = rows["phi_entry"] if rank_by == "phi" else _wrong_entries(rows, multiclass)  # (S, M, N'): the suspects
     flat = entry.reshape(n, -1)
     width = entry.shape[2]
     order = np.argsort(-rows[RANKINGS[rank_by]], kind="stable")
@@ -233,7 +253,7 @@ def write_outputs(out: Path, split: str, rows: dict[str, Any], label_sets: list[
         ranked = np.argsort(-flat[i], kind="stable")
         suspects = []
         for j in ranked[:3]:
-            if flat[i, j] <= 0 and suspects:
+            if flat[i, j] <= (0 if rank_by == "phi" else 0.5) and suspects:  # phi > 0 / more likely wrong than right
                 break
             finding, name, label, _ = describe(i, int(j))
             suspects.append(f"{finding}:{name}={label}")
@@ -294,7 +314,8 @@ def write_outputs(out: Path, split: str, rows: dict[str, Any], label_sets: list[
 
 
 def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int = 10, out: Path | None = None,
-              seed: int = 0, batch_size: int = 64, world: Any = None, rank_by: str = "phi") -> dict[str, Any] | None:
+              seed: int = 0, batch_size: int = 64, world: Any = None,
+              rank_by: str = "expected_wrong") -> dict[str, Any] | None:
     """The audit of ``run`` on ``split``; rank 0 returns the summary, other ranks None."""
     from aol_dist import dist
     from aol_dist.audit.consensus import consensus_source
@@ -331,8 +352,8 @@ def top_table(summary: dict[str, Any]):
     from rich.table import Table
 
     table = Table(title=f"label audit, {summary['split']}: the {len(summary['top'])} most suspect of "
-                        f"{summary['samples']} samples (consensus: {summary['consensus']})")
-    for col in ("rank", "key", "phi", "suspects", "model_p", "consensus", "wrong_labels"):
+                        f"{summary['samples']} samples by {summary['rank_by']} (consensus: {summary['consensus']})")
+    for col in ("rank", "key", summary["rank_by"], "suspects", "model_p", "consensus", "wrong_labels"):
         if any(col in r for r in summary["top"]):
             table.add_column(col, justify="right" if col not in ("key", "suspects") else "left")
     cols = [c.header for c in table.columns]
@@ -350,9 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mc-samples", type=int, default=10,
                         help="T: Monte-Carlo batch-norm passes for C(x) and U(x), each with another random training batch")
     parser.add_argument("--out", help="output directory (default: RUN/audit)")
-    parser.add_argument("--rank-by", choices=sorted(RANKINGS), default="phi",
-                        help="order of the audit CSV: phi (paper 003, Eq. 2) or expected_wrong (the wrong labels a "
-                             "sample holds if the consensus is right)")
+    parser.add_argument("--rank-by", choices=sorted(RANKINGS), default="expected_wrong",
+                        help="order of the audit CSV: expected_wrong (default: the wrong labels a sample holds if the "
+                             "consensus is right; found more wrong labels than phi in every run of docs/audit.md) or "
+                             "phi (paper 003, Eq. 2)")
     parser.add_argument("--seed", type=int, default=0, help="picks the Monte-Carlo batches and the random ranking")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
