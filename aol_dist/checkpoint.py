@@ -34,6 +34,7 @@ from torch import nn
 from aol_dist import dist as D
 from aol_dist.config import Config, git_revision, to_toml
 from aol_dist.data.shards import atomic_write_text
+from aol_dist.writes import writing
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -106,21 +107,23 @@ def save(run_dir: Path, step: int, modules: dict[str, nn.Module], optimizers: di
     ``write_extra(tmp_dir)`` runs on every rank (DeepSpeed writes its partitioned optimizer state)."""
     root = Path(run_dir) / CHECKPOINTS
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    if write_extra is not None:
-        write_extra(tmp)
-    torch.save({**rank_state, "rng": rng_state(world.device), "fingerprint": fingerprint(modules)},
-               tmp / f"rank-{world.rank:05d}.pt")
+    with writing(final, tmp):  # a full disk: one line naming the checkpoint, the temporary directory removed
+        tmp.mkdir(parents=True, exist_ok=True)
+        if write_extra is not None:
+            write_extra(tmp)
+        torch.save({**rank_state, "rng": rng_state(world.device), "fingerprint": fingerprint(modules)},
+                   tmp / f"rank-{world.rank:05d}.pt")
     D.barrier(world)
     if world.is_main:
         prints = [torch.load(tmp / f"rank-{r:05d}.pt", weights_only=True)["fingerprint"] for r in range(world.world_size)]
         differ = [r for r in range(1, world.world_size) if prints[r] != prints[0]]
         if differ:  # the invariant of SPEC 3.7 is broken: a checkpoint would hide it
             raise RuntimeError(f"step {step}: ranks {differ} hold parameters different from rank 0's")
-        torch.save({"step": step, "cursor": list(cursor), "world_size": world.world_size,
-                    "train_shards": [list(s) for s in train_shards], "config": config.to_dict(),
-                    "modules": {k: m.state_dict() for k, m in modules.items()},
-                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, tmp / "state.pt")
+        with writing(final, tmp):
+            torch.save({"step": step, "cursor": list(cursor), "world_size": world.world_size,
+                        "train_shards": [list(s) for s in train_shards], "config": config.to_dict(),
+                        "modules": {k: m.state_dict() for k, m in modules.items()},
+                        "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, tmp / "state.pt")
         if final.exists():  # the same step written again after a resume from an older checkpoint
             shutil.rmtree(final)
         tmp.rename(final)

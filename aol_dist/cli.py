@@ -236,8 +236,14 @@ def _add_bench_step(bench: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aol_dist.writes import WriteError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except WriteError as e:  # a full disk, a permission: where and why, in one line
+        print(f"aol {args.command}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -55,10 +55,15 @@ def write_plots(run_dir: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    from aol_dist.writes import writing
+
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    _pyplot().close(fig)
-    tmp.rename(path)
+    try:
+        with writing(path, tmp):
+            fig.savefig(tmp, dpi=110, format="png")
+            tmp.rename(path)
+    finally:
+        _pyplot().close(fig)
     return path
 
 

@@ -43,7 +43,10 @@ def fail(world: dist.World, error: BaseException) -> None:
     After a failed collective the process group may be unusable and a clean shutdown may wait for
     peers that are gone; exiting now lets the launcher end the other ranks.
     """
-    traceback.print_exception(error)
+    from aol_dist.writes import WriteError
+
+    if not isinstance(error, WriteError):  # a failed write is said in one line: path and cause
+        traceback.print_exception(error)
     text = f"{type(error).__name__}: {error}"
     peers = any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset"))
     if peers:

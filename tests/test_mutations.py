@@ -5,6 +5,7 @@ main process and in a DataLoader worker) and evaluation must do: a ShardError (o
 shard and the sample), never a silent pass and never an unnamed shape error from a batch.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -160,3 +161,60 @@ def test_converting_another_split_into_a_directory_adds_it_and_never_drops_one(t
     again = shards.write_manifest(tmp_path, dataset="fake", findings=FINDINGS, label_sets=LABEL_SETS,  # a re-run
                                   splits={"test": records}, image_size=8, has_truth={"test": True})
     assert again == json.loads(before)
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def _full_disk(monkeypatch):
+    """Every temporary file the shard writers open goes to /dev/full (writes fail with ENOSPC)."""
+    import builtins
+
+    real = builtins.open
+
+    def fake(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".tmp" in str(path):
+            real(path, mode).close()  # the temporary file exists, as after a real failed write
+            return real("/dev/full", mode, *args, **kwargs)
+        return real(path, mode, *args, **kwargs)
+    monkeypatch.setattr(shards, "open", fake, raising=False)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    from aol_dist.cli import main
+    from aol_dist.writes import WriteError
+
+    _full_disk(monkeypatch)
+    with pytest.raises(WriteError, match=f"no space left on device while writing {tmp_path}/train-000000.tar$"):
+        _write(tmp_path, "none")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the shard nor its temporary file
+    assert main(["shards", "synth", "--out", str(tmp_path / "synth"), "--train", "4", "--validate", "0",
+                 "--test", "0", "--image-size", "8", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"aol shards: no space left on device while writing {tmp_path}/synth/train-000000.tar"
+    assert not [p for p in (tmp_path / "synth").iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_it_and_removes_the_temporary_directory(tmp_path, monkeypatch):
+    import shutil
+
+    from aol_dist import checkpoint, writes
+    from aol_dist.loop import train
+    from aol_dist.writes import WriteError
+
+    _write(tmp_path / "shards", "none")
+    config = _config(tmp_path)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_every=1, steps=3))
+    real_save, calls = checkpoint.torch.save, []
+
+    def save(obj, path, *args, **kwargs):  # the step-2 checkpoint hits a full disk, as torch reports it
+        calls.append(path)
+        if "step-00000002" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr(writes.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+    work = tmp_path / "runs" / "r.incomplete" / "checkpoints"
+    with pytest.raises(WriteError, match=f"no space left on device \\(0 bytes free\\) while writing {work}/step-00000002$"):
+        train(config, D.World())
+    assert sorted(p.name for p in work.iterdir()) == ["step-00000001"]  # the last whole checkpoint, no .tmp

@@ -29,6 +29,7 @@ import numpy as np
 
 from aol_dist.data.images import IMAGE_FORMATS, decode_image, encode_image, image_entry  # noqa: F401 (re-exported)
 from aol_dist.data.tario import TarFormatError, decode_npy, iter_members
+from aol_dist.writes import writing
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -148,12 +149,14 @@ def split_shards(shard_dir: str | Path, manifest: dict[str, Any], split: str) ->
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name and rename; a failed write is a one-line :class:`WriteError`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -190,7 +193,7 @@ def write_shard(out_dir: Path, job: ShardJob, make_sample: Callable[[Any], dict[
     skipped: list[dict[str, str]] = []
     notes: list[dict[str, str]] = []  # kept samples with something to report (e.g. no report text)
     count = 0
-    with open(tmp, "wb") as stream:
+    with writing(final, tmp), open(tmp, "wb") as stream:
         # mtime fixed so a re-run writes byte-identical shards (resume == uninterrupted); an int, as a
         # float mtime costs every member an extra PAX header (twice the headers for the reader to parse).
         with wds.TarWriter(stream, encoder=False, mtime=0) as sink:
