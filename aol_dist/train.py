@@ -48,7 +48,7 @@ def fail(world: dist.World, error: BaseException) -> None:
     if not isinstance(error, WriteError):  # a failed write is said in one line: path and cause
         traceback.print_exception(error)
     text = f"{type(error).__name__}: {error}"
-    peers = any(s in text.lower() for s in ("timed out", "timeout", "connection closed", "connection reset"))
+    peers = collective_failure(error)
     if peers:
         text += " (a collective failed: another rank died or stopped responding)"
         diagnosis = dist.unresponsive_ranks(world)
@@ -59,6 +59,18 @@ def fail(world: dist.World, error: BaseException) -> None:
     if peers:  # let the launcher see the rank that died first: its summary names that one as the root cause
         time.sleep(PEER_GRACE_S)
     os._exit(1)
+
+
+def collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` looks like a collective that failed because a peer died or hung. Input and config
+    errors (ValueError: a refused resume names ``train.collective_timeout_s`` among the keys that may change)
+    and failed writes are this rank's own."""
+    from aol_dist.writes import WriteError
+
+    if isinstance(error, (ValueError, WriteError)):
+        return False
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset"))
 
 
 if __name__ == "__main__":

@@ -149,3 +149,15 @@ def test_a_rank_ends_with_its_launcher_even_in_a_session_of_its_own(shard_dir, t
         launcher.kill()
         if pid_file.exists() and alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), 9)
+
+
+def test_a_refused_resume_is_not_reported_as_a_dead_peer():
+    """The refusal lists train.collective_timeout_s among the keys that may change; it is the rank's own
+    error, not "a collective failed: another rank died"."""
+    from aol_dist.train import collective_failure
+
+    refused = ValueError("ckpt: config differs in ['method.lr']; only ['train.collective_timeout_s', "
+                         "'train.steps'] may change on resume")
+    assert not collective_failure(refused)
+    assert collective_failure(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+    assert collective_failure(RuntimeError("gradient all-reduce of step 3 failed: timed out after 10 s"))
