@@ -193,14 +193,6 @@ def gather(local: dict[str, Any], world: Any) -> dict[str, Any] | None:
             for k, v in merged.items()}
 
 
-def _wrong_entries(rows: dict[str, Any], multiclass: bool) -> np.ndarray:
-    """(S, M, N'): P(label m is wrong) if the consensus is right, per entry (what ``expected_wrong`` sums)."""
-    labels, consensus = rows["labels"].astype(float), rows["consensus"]
-    if multiclass:
-        return (1 - (labels * consensus[:, None, :]).sum(-1))[..., None]
-    return np.abs(labels - consensus[:, None, :])
-
-
 def _csv_gz(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     import csv
     import io
@@ -225,6 +217,7 @@ def write_outputs(out: Path, split: str, rows: dict[str, Any], label_sets: list[
     """Write the files (see :data:`OUTPUTS`); returns the summary (paths, top suspects, relabelling)."""
     from aol_dist.audit import plots
     from aol_dist.audit.quality import label_quality, relabel_summary, wrong_labels
+    from aol_dist.audit.scores import wrong_entries
     from aol_dist.data.shards import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +225,8 @@ def write_outputs(out: Path, split: str, rows: dict[str, Any], label_sets: list[
     id_keys = sorted({k for ids in rows["ids"] for k in ids})
     has_truth = isinstance(rows["truth"], np.ndarray) and len(rows["truth"]) == n
     wrong = wrong_labels(rows["labels"], rows["truth"], multiclass) if has_truth else None
-    entry = rows["phi_entry"] if rank_by == "phi" else _wrong_entries(rows, multiclass)  # (S, M, N'): the suspects
+    entry = (rows["phi_entry"] if rank_by == "phi" else  # (S, M, N'): the suspects, scored as the ranking scores
+             wrong_entries(torch.from_numpy(rows["consensus"]), torch.from_numpy(rows["labels"]), multiclass).numpy())
     flat = entry.reshape(n, -1)
     width = entry.shape[2]
     order = np.argsort(-rows[RANKINGS[rank_by]], kind="stable")

@@ -92,14 +92,20 @@ def multiclass_scores(p: torch.Tensor, mc: torch.Tensor, labels: torch.Tensor) -
     return Scores(phi, phi_entry, confidence, uncertainty, confidence.squeeze(-1) * disagree)
 
 
-def expected_wrong(consensus: torch.Tensor, labels: torch.Tensor, multiclass: bool) -> torch.Tensor:
-    """(B,): the number of wrong labels a sample holds if the consensus (a probability of the truth) is right:
-    sum over sets and findings of P(t != y_mn) = |y_mn - c_n| (multi-class: sum_m 1 - c[y_m]). With a
-    calibrated consensus, ranking by it maximises the wrong labels expected per sample relabelled."""
+def wrong_entries(consensus: torch.Tensor, labels: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """(B, M, N) multi-label, (B, M, 1) multi-class: P(label y_mn is wrong) if the consensus c (a probability
+    of the truth) is right: |y_mn - c_n| (multi-class: 1 - c[y_m])."""
     labels = labels.to(consensus.dtype)
     if multiclass:
-        return (1 - (labels * consensus.unsqueeze(1)).sum(-1)).sum(-1)
-    return (labels - consensus.unsqueeze(1)).abs().sum((1, 2))
+        return (1 - (labels * consensus.unsqueeze(1)).sum(-1)).unsqueeze(-1)
+    return (labels - consensus.unsqueeze(1)).abs()
+
+
+def expected_wrong(consensus: torch.Tensor, labels: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """(B,): the number of wrong labels a sample holds if the consensus is right, the sum of
+    :func:`wrong_entries`. With a calibrated consensus, ranking by it maximises the wrong labels expected per
+    sample relabelled."""
+    return wrong_entries(consensus, labels, multiclass).sum((1, 2))
 
 
 def audit_scores(p: torch.Tensor, mc: torch.Tensor, labels: torch.Tensor, multiclass: bool) -> Scores:
