@@ -116,7 +116,7 @@ def _eval(args: argparse.Namespace) -> int:
                   f"{trained_on.get(key, 1)} ({config.data.shards}): convert the split at the run's size", file=sys.stderr)
             return 2
     check_tokenizer(manifest, config.model.text_encoder, where=str(shard_dir))
-    world = dist.init_world() if "WORLD_SIZE" in os.environ else dist.World()
+    world = dist.command_world()
     checkpoint = torch.load(run / "model.pt", map_location=world.device, weights_only=True)
     if list(manifest["findings"]) != checkpoint["findings"]:
         raise SystemExit(f"{shard_dir}: findings differ from the checkpoint's")

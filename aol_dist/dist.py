@@ -31,6 +31,15 @@ class World:
         return self.world_size > 1
 
 
+def command_world() -> World:
+    """The world of a command that needs no training group (``aol eval``, ``aol audit``): the launcher's
+    process group under ``accelerate launch`` / torchrun, else one process on the first GPU where there is
+    one (the CPU otherwise), as training picks without a launcher."""
+    if "WORLD_SIZE" in os.environ:
+        return init_world()
+    return World(device=torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+
+
 def init_world(timeout_s: float = 600.0) -> World:
     """Start the process group from the environment that ``accelerate launch`` / torchrun set.
 

@@ -122,3 +122,14 @@ def test_uneven_shards_train_loop_finishes_on_both_ranks(tmp_path):
     auc = json.loads((run / "auc_test.json").read_text())
     assert auc["samples"] == 12 and set(auc["auc"]) == {"truth", *LABEL_SETS}
     assert (run / "model.pt").is_file() and (run / "attention.json").is_file() and (run / "config.toml").is_file()
+
+
+def test_eval_and_audit_without_a_launcher_use_the_gpu(monkeypatch):
+    """``aol eval`` / ``aol audit`` in one process: the first GPU where there is one, as training picks (they
+    ran on the CPU beside an idle H200 before); no process group is started."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    world = D.command_world()
+    assert world.device == torch.device("cuda", 0) and world.world_size == 1 and world.is_main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert D.command_world().device == torch.device("cpu")

@@ -12,7 +12,6 @@ import dataclasses
 import gzip
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,7 +319,7 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
 
     run = Path(run)
     inputs = check_inputs(run, split, shards, mc_samples)
-    world = world or dist.World()
+    world = world or dist.command_world()
     config = inputs.config
     parts = build_parts(config, {**inputs.manifest, "label_sets": inputs.label_sets}, world)
     parts.model.load_state_dict(inputs.checkpoint["model"])
@@ -377,7 +376,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from aol_dist import dist
 
-    world = dist.init_world() if "WORLD_SIZE" in os.environ else dist.World()
+    world = dist.command_world()
     try:
         summary = run_audit(Path(args.run), args.split, args.shards, args.mc_samples, args.out, args.seed,
                             args.batch_size, world, args.rank_by)
