@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aol_dist.data.shards import check_count, check_labels, decode_array, decode_image, image_entry, iter_tar_samples
+from aol_dist.data.shards import ShardError, check_count, check_labels, decode_array, decode_image, image_entry, iter_tar_samples
 
 
 def rank_shards(shards: Sequence[Any], rank: int, world_size: int, seed: int, epoch: int) -> list[Any]:
@@ -49,6 +49,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])),
         "key": [s["key"] for s in samples],
     }
+    for name in ("truth", "tokens"):  # a split's samples all have one or none: a deleted member is named
+        have = [name in s for s in samples]
+        if any(have) and not all(have):
+            s = samples[have.index(False)]
+            raise ShardError(f"{s.get('shard', '?')}: sample {s['key']} has no {name}.npy, other samples of its "
+                             f"split do (a damaged shard: `aol shards verify` checks them all)")
     if all("truth" in s for s in samples):
         batch["truth"] = torch.from_numpy(np.stack([s["truth"] for s in samples]))
     if all("tokens" in s for s in samples):
@@ -66,7 +72,7 @@ def decode_sample(raw: dict[str, bytes], label_index: Sequence[int] | None, shar
     try:
         labels = decode_array(raw["labels.npy"])
         truth = decode_array(raw["truth.npy"]) if "truth.npy" in raw else None
-        out = {"key": raw["__key__"], "image": decode_image(image_entry(raw))}
+        out = {"key": raw["__key__"], "shard": str(shard), "image": decode_image(image_entry(raw))}
         if "tokens.npy" in raw:
             out["tokens"] = decode_array(raw["tokens.npy"])
         if "ids.json" in raw:
