@@ -104,6 +104,13 @@ class MethodConfig:
     monotone: bool = True
     """trust = posterior, multi-label data: every label set says "present" more often when the finding is
     present than when it is absent (by >= 0.1); false lets the annotator model fit inverted sets."""
+    regimes: int = 1
+    """trust = posterior: labelling regimes R. R > 1: each image's labels come from a mixture of R annotator
+    models, weighted by a small network on the image (method/trust.py RegimeNet): label sets whose
+    reliability depends on the image (which hospital, which scanner, a mark on the film)."""
+    regime_balance: float = 1.0
+    """regimes > 1: weight of KL(the batch's mean regime weights || uniform), which keeps every regime in use
+    (method/trust.py regime_balance); 0 lets one regime take every image."""
     trust_lr: float = 5e-2
     """trust = posterior: Adam learning rate of the annotator model and its per-sample head."""
     cm_lambda: float = 0.01
@@ -136,6 +143,8 @@ class MethodConfig:
         _require(self.trust_input in ("auto", "features", "meta", "none"),
                  f"method.trust_input must be auto, features, meta or none, got {self.trust_input!r}")
         _require(self.trust_lr > 0, "method.trust_lr must be > 0")
+        _require(1 <= self.regimes <= 8, f"method.regimes must be 1 to 8, got {self.regimes}")
+        _require(self.regime_balance >= 0, f"method.regime_balance must be >= 0, got {self.regime_balance}")
         for key in ("meta_lr", "lr"):
             _require(getattr(self, key) > 0, f"method.{key} must be > 0, got {getattr(self, key)}")
         _require(self.attention_lr >= 0, f"method.attention_lr must be >= 0 (0: the majority vote), got {self.attention_lr}")

@@ -168,8 +168,9 @@ def train(config: Config, world: D.World) -> Path:
     log = Log(work, world.is_main, tc.tensorboard, state.step, console)
     autocast = step_autocast(tc.precision, world.device)
     multiclass = parts.label_kind == "multiclass"
-    guard = StepGuard(parts.trainable(), list(parts.model.buffers()), world, tc.nan_policy, tc.max_skipped_steps,
-                      tc.debug_fault)
+    # batch-norm statistics of every network on the image: the classifier's and the regime network's
+    buffers = list(parts.model.buffers()) + list(parts.attention.buffers())
+    guard = StepGuard(parts.trainable(), buffers, world, tc.nan_policy, tc.max_skipped_steps, tc.debug_fault)
     if console:
         console.print(f"[bold]{config.method.name}[/] on {manifest['dataset']} ({stream.total_samples} train samples, "
                       f"{stream.steps_per_epoch} steps/epoch), {world.world_size} rank(s), "

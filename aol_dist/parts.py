@@ -107,12 +107,24 @@ def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Par
     if cm is not None:  # the confusion matrices learn at their own rate
         groups.append({"params": list(cm.parameters()), "lr": mc.cm_lr})
     optimizer = torch.optim.Adam(groups, lr=mc.lr)
-    attention_optimizer = (torch.optim.Adam(attention.parameters(), lr=mc.trust_lr) if isinstance(attention, LabelTrust)
+    attention_optimizer = (torch.optim.Adam(_trust_groups(attention, mc), lr=mc.trust_lr) if isinstance(attention, LabelTrust)
                            else torch.optim.SGD(attention.parameters(), lr=mc.attention_lr))
     parts = Parts(model, attention, optimizer, attention_optimizer, label_sets, findings, step=None,  # type: ignore[arg-type]
                   cm=cm, text_encoder=encoder, label_kind=kind, loss=loss)
     parts.step = _make_step(parts, config)
     return parts
+
+
+def _trust_groups(trust: LabelTrust, mc: Any) -> list[dict[str, Any]]:
+    """The annotator model and the regime network's last layer at ``method.trust_lr``; the regime network's
+    encoder (a network on the image, like the classifier) at the classifier's ``method.lr``."""
+    if trust.regime_net is None:
+        return [{"params": list(trust.parameters())}]
+    encoder = trust.regime_net.encoder
+    last = {id(p) for p in encoder.head.parameters()}
+    slow = [p for p in encoder.parameters() if id(p) not in last]
+    ids = {id(p) for p in slow}
+    return [{"params": [p for p in trust.parameters() if id(p) not in ids]}, {"params": slow, "lr": mc.lr}]
 
 
 def _make_step(parts: Parts, config: Config) -> Step:
@@ -170,7 +182,8 @@ def _label_attention(config: Config, kind: str, feature_dim: int, num_sets: int,
         multiclass = kind == "multiclass"
         head_input = mc.trust_input if mc.trust_input != "auto" else ("features" if multiclass else "none")
         try:
-            return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, head_input, mc.monotone)
+            return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, head_input, mc.monotone,
+                              mc.regimes, mc.regime_balance)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return LabelAttention(feature_dim, num_sets, num_findings, per_finding=mc.attention == "per_finding")

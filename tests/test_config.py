@@ -32,6 +32,7 @@ def test_file_then_overrides(tmp_path):
     ("method.lr=-1e-3", r"method\.lr must be > 0, got -0\.001"),
     ("method.meta_lr=0", r"method\.meta_lr must be > 0"),
     ("method.attention_lr=-1", r"method\.attention_lr must be >= 0"),
+    ("method.regimes=0", r"method\.regimes must be 1 to 8, got 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -100,11 +100,11 @@ def test_synced_auroc_equals_single_process_auroc(tmp_path):
         torch.testing.assert_close(torch.tensor(r0["auc"][target]), torch.tensor(single["auc"][target]), equal_nan=True)
 
 
-def _train_loop(rank, world_size, shard_dir, out):
+def _train_loop(rank, world_size, shard_dir, out, method=None):
     config = config_from_dict({
         "data": {"shards": shard_dir, "batch_size": 4, "shuffle_buffer": 4, "num_workers": 0, "eval_splits": ["test"]},
         "model": {"arch": "resnet_tiny"},
-        "method": {"lr": 1e-3},
+        "method": {"lr": 1e-3, **(method or {})},
         "train": {"steps": 7, "log_every": 2, "out_dir": out, "run_name": "r", "eval_batch_size": 8},
     })
     train(config, D.world_from_process_group())
@@ -133,3 +133,12 @@ def test_eval_and_audit_without_a_launcher_use_the_gpu(monkeypatch):
     assert world.device == torch.device("cuda", 0) and world.world_size == 1 and world.is_main
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert D.command_world().device == torch.device("cpu")
+
+
+def test_regime_network_statistics_are_the_same_on_every_rank(tmp_path):
+    """method.regimes = 2 adds a network on the image with batch norm of its own: its running statistics are
+    averaged with the classifier's, or the ranks' checkpoint fingerprints differ and the save refuses."""
+    write_fake_shards(tmp_path / "shards", {"train": [8, 8, 8, 8], "test": [4, 4]})
+    run_gloo(_train_loop, 2, str(tmp_path / "shards"), str(tmp_path / "runs"), {"regimes": 2})
+    state = torch.load(tmp_path / "runs" / "r" / "model.pt", weights_only=True)["attention"]
+    assert any(k.startswith("regime_net.") and k.endswith("running_mean") for k in state)

@@ -15,7 +15,7 @@ import torch
 
 from aol_dist.method import baselines
 from aol_dist.method.aol import AolHyper, aol_loss
-from aol_dist.method.trust import LabelTrust, TrustHyper, posterior_trust, trust_features
+from aol_dist.method.trust import LabelTrust, TrustHyper, trust_loss
 from aol_dist.model.attention import LabelAttention
 
 
@@ -36,12 +36,7 @@ def consensus(parts: Any, method_config: Any, batch: dict[str, Any]) -> tuple[to
         trust: LabelTrust = parts.attention
         hp = TrustHyper(trust.annotator, trust.input, method_config.meta_lr, method_config.meta_scope)
         with torch.enable_grad():  # the meta features F_m are gradients (trust_input = meta)
-            trunk = model.trunk(x)
-            features = model.top(trunk, text)
-            logits = model.head(features)
-            head_input = trust_features(model, x, trunk, logits, features, labels, hp, text, method_config.fast)
-        _, q, w = posterior_trust(logits.detach(), labels, trust,
-                                  trust.scores(None if head_input is None else head_input.detach(), x.shape[0]))
+            _, q, w = trust_loss(model, trust, x, labels, hp, text, method_config.fast)  # training's posterior
         return q.detach(), w.detach()
     if source == "attention":
         with torch.enable_grad():  # the meta step of Eq. 1

@@ -36,6 +36,7 @@ accuracy of every set fell from about 0.96 to 0.4-0.8 and the truth AUROC to 0.2
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +56,37 @@ is absent, by at least the margin (P(y_m = 1 | t = 1) - P(y_m = 1 | t = 0) >= 0.
 weight). Without it, two sets that disagree systematically were fitted as one good and one inverted set
 (instance benchmark, Dawid-Skene: sensitivity 0.03 with specificity 0.49; the posterior's accuracy 0.55,
 joint 0.69, against 0.76 for either set), and the truth AUROC fell below majority vote's (docs/quality.md)."""
+
+
+MAX_REGIMES = 8
+REGIME_NOISE = 0.1
+REGIME_BALANCE = 1.0
+"""Regimes start as the same annotator model plus this much noise on its log table: identical regimes would
+get identical gradients and never part."""
+
+
+class RegimeNet(nn.Module):
+    """log pi_r(x): which labelling regime an image belongs to, from the image itself, by a network of its own.
+
+    Why its own (CPU probe on instance, docs/quality.md): from the classifier's detached features the regimes
+    parted only partly (the classifier has no reason to encode a corner mark that says nothing about the
+    findings), and with the classifier's trunk trained by this head they sometimes parted the wrong way; a
+    small network of its own (resnet_tiny) found the mark in every seed. Its last layer starts at zero:
+    every image starts in every regime alike.
+    """
+
+    def __init__(self, regimes: int) -> None:
+        super().__init__()
+        from aol_dist.model.backbone import Classifier
+
+        self.encoder = Classifier("resnet_tiny", regimes)
+        nn.init.zeros_(self.encoder.head.weight)
+        nn.init.zeros_(self.encoder.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.encoder
+        f = e.top(e.trunk(x))
+        return torch.log_softmax(e.head(F.layer_norm(f, f.shape[-1:])).float(), dim=-1)
 
 
 @dataclass(frozen=True)
@@ -77,9 +109,12 @@ class LabelTrust(nn.Module):
     """
 
     def __init__(self, feature_dim: int, num_label_sets: int, num_findings: int, multiclass: bool = False,
-                 annotator: str = "auto", input: str = "features", monotone: bool = True) -> None:
+                 annotator: str = "auto", input: str = "features", monotone: bool = True,
+                 regimes: int = 1, regime_balance: float = REGIME_BALANCE) -> None:
         super().__init__()
-        self.monotone = monotone
+        if not 1 <= regimes <= MAX_REGIMES:
+            raise ValueError(f"method.regimes must be 1 to {MAX_REGIMES}, got {regimes}")
+        self.monotone, self.regimes, self.regime_balance = monotone, regimes, regime_balance
         m, n = num_label_sets, num_findings
         if annotator == "auto":
             annotator = "joint" if not multiclass and m <= MAX_JOINT_SETS else "independent"
@@ -95,12 +130,17 @@ class LabelTrust(nn.Module):
             self.register_buffer("patterns", patterns, persistent=False)
             per_truth = torch.stack([(patterns == t).float() * right + (patterns != t).float() * wrong
                                      for t in (0, 1)]).sum(-1)  # (2, P)
-            self.log_table = nn.Parameter(per_truth.expand(n, 2, -1).clone())  # (N, 2, P): log P(pattern | t)
+            table = per_truth.expand(n, 2, -1)  # (N, 2, P): log P(pattern | t)
         else:
             eye = torch.eye(classes)
             init = eye * right + (1 - eye) * wrong
-            shape = (m, classes, classes) if multiclass else (m, n, 2, 2)
-            self.log_table = nn.Parameter(init.expand(*shape).clone())  # rows: truth, columns: the set's label
+            table = init.expand(*((m, classes, classes) if multiclass else (m, n, 2, 2)))  # rows truth, columns label
+        if regimes == 1:
+            self.log_table = nn.Parameter(table.clone())
+            self.regime_net = None
+        else:  # (R, ...): one annotator model per regime, apart by a little noise so that they can differ
+            self.log_table = nn.Parameter(table.expand(regimes, *table.shape) + REGIME_NOISE * torch.randn(regimes, *table.shape))
+            self.regime_net = RegimeNet(regimes)
         self.head = None
         if input != "none":
             blocks = m if input == "meta" else 1
@@ -119,32 +159,49 @@ class LabelTrust(nn.Module):
         # less (or wrong) together: see the module docstring for what that did
         return s - s.mean(1, keepdim=True)
 
-    def log_likelihood(self, labels: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """log P(Y | t, x): (B, N, 2) for multi-label data (t = 0, 1 per finding), (B, K) for multi-class."""
+    def tables(self) -> list[torch.Tensor]:
+        """The annotator model's log table of every regime."""
+        return [self.log_table] if self.regime_net is None else list(self.log_table.unbind(0))
+
+    def log_likelihood(self, labels: torch.Tensor, s: torch.Tensor, log_pi: torch.Tensor | None = None) -> torch.Tensor:
+        """log P(Y | t, x): (B, N, 2) for multi-label data (t = 0, 1 per finding), (B, K) for multi-class.
+
+        With regimes, the mixture sum_r pi_r(x) P(Y | t, regime r), ``log_pi`` (B, R) from :class:`RegimeNet`.
+        """
+        if log_pi is None:
+            return self._log_likelihood(self.log_table, labels, s)
+        per_regime = torch.stack([self._log_likelihood(t, labels, s) for t in self.tables()], dim=1)  # (B, R, ...)
+        return torch.logsumexp(per_regime + log_pi.view(*log_pi.shape, *[1] * (per_regime.dim() - 2)), dim=1)
+
+    def _log_likelihood(self, table: torch.Tensor, labels: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if self.multiclass:
             y = labels.argmax(-1)  # (B, M)
-            logits = self.log_table.unsqueeze(0) + s.unsqueeze(-1) * torch.eye(self.num_findings, device=s.device)
+            logits = table.unsqueeze(0) + s.unsqueeze(-1) * torch.eye(self.num_findings, device=s.device)
             log_p = torch.log_softmax(logits, dim=-1)  # (B, M, K truth, K label)
             picked = log_p.gather(-1, y[:, :, None, None].expand(-1, -1, self.num_findings, 1)).squeeze(-1)
             return picked.sum(1)  # (B, K)
         if self.annotator == "independent":
-            logits = self.log_table.unsqueeze(0) + s[..., None, None] * torch.eye(2, device=s.device)
+            logits = table.unsqueeze(0) + s[..., None, None] * torch.eye(2, device=s.device)
             log_p = torch.log_softmax(logits, dim=-1)  # (B, M, N, truth, label)
             said = torch.stack([1 - labels, labels], dim=-1).unsqueeze(-2)  # (B, M, N, 1, label): one-hot
             return (log_p * said).sum(-1).sum(1)  # (B, N, 2)
         # joint: log softmax over patterns of log P(pattern | t) + sum_m s_m [pattern_m = t]
         bonus = torch.stack([torch.einsum("bmn,pm->bnp", s, (self.patterns == t).to(s.dtype)) for t in (0, 1)], dim=2)
-        log_p = torch.log_softmax(self.log_table.unsqueeze(0) + bonus, dim=-1)  # (B, N, 2, P)
+        log_p = torch.log_softmax(table.unsqueeze(0) + bonus, dim=-1)  # (B, N, 2, P)
         index = (labels.long() * (2 ** torch.arange(self.num_label_sets - 1, -1, -1, device=labels.device))
                  .view(1, -1, 1)).sum(1)  # (B, N): the observed pattern's index
         return log_p.gather(-1, index[:, :, None, None].expand(-1, -1, 2, 1)).squeeze(-1)  # (B, N, 2)
 
-    def estimated_confusion(self) -> torch.Tensor:
+    def estimated_confusion(self, table: torch.Tensor | None = None) -> torch.Tensor:
         """The global model as per-set confusion: (M, N, 2, 2) multi-label or (M, K, K) multi-class,
-        rows the truth, columns the set's label (the joint model's pattern table marginalised per set)."""
+        rows the truth, columns the set's label (the joint model's pattern table marginalised per set).
+        With regimes: the mean over the regimes, or one regime's ``table``."""
+        if table is None and self.regime_net is not None:
+            return torch.stack([self.estimated_confusion(t) for t in self.tables()]).mean(0)
+        table = self.log_table if table is None else table
         if self.annotator == "independent":
-            return torch.softmax(self.log_table, dim=-1)
-        p = torch.softmax(self.log_table, dim=-1)  # (N, 2, P)
+            return torch.softmax(table, dim=-1)
+        p = torch.softmax(table, dim=-1)  # (N, 2, P)
         says_one = torch.einsum("ntp,pm->mnt", p, self.patterns)  # (M, N, t): P(y_m = 1 | t)
         return torch.stack([1 - says_one, says_one], dim=-1)
 
@@ -154,7 +211,7 @@ def monotone_penalty(trust: LabelTrust) -> torch.Tensor:
     zero for multi-class data (an annotator that always names the wrong class is informative, A.2.2)."""
     if trust.multiclass or not trust.monotone:
         return trust.log_table.new_zeros(())
-    c = trust.estimated_confusion()  # (M, N, truth, label)
+    c = torch.stack([trust.estimated_confusion(t) for t in trust.tables()])  # (R, M, N, truth, label): every regime
     return MONOTONE_WEIGHT * torch.relu(c[..., 0, 1] - c[..., 1, 1] + MONOTONE_MARGIN).sum()
 
 
@@ -166,16 +223,26 @@ def class_log_prior(logits: torch.Tensor, multiclass: bool) -> torch.Tensor:
     return torch.stack([F.logsigmoid(-z), F.logsigmoid(z)], dim=-1)
 
 
-def posterior_trust(logits: torch.Tensor, labels: torch.Tensor, trust: LabelTrust,
-                    s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def regime_balance(log_pi: torch.Tensor | None, weight: float) -> torch.Tensor | float:
+    """weight * KL(mean_b pi(x_b) || uniform): every regime is used by the batch as a whole, while each image
+    may sit in one. Without it, one regime can take every image early and the others, given no image, never
+    learn (tests/test_trust.py's regime case: every image in one regime)."""
+    if log_pi is None or weight == 0:
+        return 0.0
+    mean = log_pi.exp().mean(0)
+    return weight * ((mean * mean.clamp_min(1e-12).log()).sum() + math.log(log_pi.shape[1]))
+
+
+def posterior_trust(logits: torch.Tensor, labels: torch.Tensor, trust: LabelTrust, s: torch.Tensor,
+                    log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, q, w): -mean log P(Y | x), the posterior of the truth and the trust weights over label sets.
 
     q: (B, N) P(t_n = 1 | x, Y) multi-label, (B, K) P(t = k | x, Y) multi-class.
     w: (B, M, N) or (B, M, 1): P(label set m is right | x, Y), normalised over m.
     """
-    joint = class_log_prior(logits, trust.multiclass) + trust.log_likelihood(labels, s)
+    joint = class_log_prior(logits, trust.multiclass) + trust.log_likelihood(labels, s, log_pi)
     log_evidence = torch.logsumexp(joint, dim=-1)
-    loss = -log_evidence.mean() + monotone_penalty(trust)
+    loss = -log_evidence.mean() + monotone_penalty(trust) + regime_balance(log_pi, trust.regime_balance)
     post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
     if trust.multiclass:
         q = post
@@ -206,7 +273,9 @@ def trust_loss(model: nn.Module, trust: LabelTrust, x: torch.Tensor, labels: tor
     features = model.top(trunk, text)
     logits = model.head(features)
     head_input = trust_features(model, x, trunk, logits, features, labels, hp, text, fast)
-    return posterior_trust(logits, labels, trust, trust.scores(head_input, x.shape[0]))
+    s = trust.scores(head_input, x.shape[0])
+    log_pi = trust.regime_net(x) if trust.regime_net is not None else None
+    return posterior_trust(logits, labels, trust, s, log_pi)
 
 
 def trust_step(model: nn.Module, trust: LabelTrust, optimizer: torch.optim.Optimizer,
