@@ -245,14 +245,16 @@ def test_synced_auroc_equals_single_process_auroc(tmp_path):
         torch.testing.assert_close(torch.tensor(r0["auc"][target]), torch.tensor(single["auc"][target]), equal_nan=True)
 
 
-def _train_loop(rank, world_size, shard_dir, out):
-    config = config_from_dict({
-        "data": {"shards": shard_dir, "batch_size": 4, "shuffle_buffer": 4, "num_workers": 0, "eval_splits": ["test"]},
-        "model": {"arch": "resnet_tiny"},
-        "method": {"lr": 1e-3},
-        "train": {"steps": 7, "log_every": 2, "out_dir": out, "run_name": "r", "eval_batch_size": 8},
-    })
-    train(config, D.world_from_process_group())
+def _train_loop(rank, world_size, shard_dir, out, methods=({},), steps=7):
+    for i, method in enumerate(methods):
+        config = config_from_dict({
+            "data": {"shards": shard_dir, "batch_size": 4, "shuffle_buffer": 4, "num_workers": 0, "eval_splits": ["test"]},
+            "model": {"arch": "resnet_tiny"},
+            "method": {"lr": 1e-3, **method},
+            "train": {"steps": steps, "log_every": 2, "out_dir": out, "run_name": f"r{i or ''}", "eval_batch_size": 8,
+                      "plots": False},
+        })
+        train(config, D.world_from_process_group())
 
 
 def test_uneven_shards_train_loop_finishes_on_both_ranks(tmp_path):
@@ -267,6 +269,22 @@ def test_uneven_shards_train_loop_finishes_on_both_ranks(tmp_path):
     auc = json.loads((run / "auc_test.json").read_text())
     assert auc["samples"] == 12 and set(auc["auc"]) == {"truth", *LABEL_SETS}
     assert (run / "model.pt").is_file() and (run / "attention.json").is_file() and (run / "config.toml").is_file()
+
+
+LOOP_METHODS = ({"name": "aol", "trust": "attention"}, {"name": "cm"}, {"name": "majority"},
+                {"name": "aol", "trust_input": "meta", "meta_scope": "partial"})
+
+
+def test_every_method_trains_through_ddp(tmp_path):
+    """The loop on 2 ranks with the paper's attention, CM (its matrices wrapped with the classifier), a plain
+    baseline (the classifier alone: the unused attention is not wrapped) and the trust head on meta features."""
+    write_fake_shards(tmp_path / "shards", {"train": [8, 8], "test": [4]})
+    run_gloo(_train_loop, 2, str(tmp_path / "shards"), str(tmp_path / "runs"), LOOP_METHODS, 3)
+    for i, method in enumerate(LOOP_METHODS):
+        run = tmp_path / "runs" / f"r{i or ''}"
+        # the checkpoint at the end is written only if the ranks' parameter fingerprints agree
+        assert (run / "model.pt").is_file(), method
+        assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [2, 3]
 
 
 def test_eval_and_audit_without_a_launcher_use_the_gpu(monkeypatch):
