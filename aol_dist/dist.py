@@ -136,10 +136,11 @@ def data_parallel(modules: dict[str, nn.Module], world: World, compression: str 
     """PyTorch DDP over ``modules``: the ``forward`` the step functions route their loss through (SPEC 3.7).
 
     Every parameter of ``modules`` must get a gradient every step (no unused-parameter search: pass only
-    the modules the method trains). no buffer sync in the forward (``forward_sync_buffers`` off): the batch-norm running statistics are
-    averaged after the backward pass by :class:`~aol_dist.faults.StepGuard` (:func:`average_statistics`),
-    as before DDP. ``compression`` bf16/fp16 registers DDP's compression hook: gradients travel in half
-    precision, divided by the world size before the sum.
+    the modules the method trains). DDP does not broadcast buffers in the forward (``forward_sync_buffers``
+    off): :class:`~aol_dist.faults.StepGuard` averages the batch-norm running statistics after the backward
+    pass (:func:`average_statistics`), as before DDP. ``compression`` bf16/fp16 registers DDP's compression
+    hook: gradients travel in half precision, divided by the world size before the sum. The gradients are
+    views into DDP's buckets (``gradient_as_bucket_view``): no copy between the two.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel

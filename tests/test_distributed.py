@@ -127,54 +127,69 @@ def _counted_bucket(counts, state, bucket):
 
 
 def _watch_meta_passes(rank, world_size, out):
-    """Each step's forward (the M meta passes inside it) under DDP: what it sends, what it leaves in .grad."""
-    from aol_dist.method import aol
+    """Each step's forward (the M meta passes inside it) under DDP: what it sends, what it leaves in .grad;
+    the paper's attention (reference, fast, batched; checkpointing off and on) and the trust head on meta features."""
+    from aol_dist.method import aol, trust
 
     world = D.world_from_process_group()
     counts, seen = {"collectives": 0, "buckets": 0}, []
     _count_collectives(counts)
 
-    def watched(fn, phase, params):
-        def run(*args, **kwargs):
-            before = dict(counts)
-            result = fn(*args, **kwargs)
-            seen.append({"phase": phase, "sent": {k: counts[k] - before[k] for k in counts},
-                         "grads": [p.grad is not None for p in params]})
-            return result
-        return run
+    def record(phase, params, before):
+        seen.append({"phase": phase, "sent": {k: counts[k] - before[k] for k in counts},
+                     "grads": [p.grad is not None for p in params]})
 
-    for name, (hp, checkpointing, _) in VARIANTS.items():
-        if "text" in name:
-            continue
-        model, attention, opt, att_opt = make_parts(checkpointing)
-        forward, guard = outer_step_tools(world, model, attention)
-        params = list(model.parameters()) + list(attention.parameters())
+    def watch(name, model, head, step, module, loss_name):
+        """``step(i, forward, guard)`` STEPS times, ``module``'s meta passes and loss computation watched."""
+        forward, guard = outer_step_tools(world, model, head)
         forward.register_comm_hook(None, lambda state, bucket: _counted_bucket(counts, state, bucket))
-        originals = {f: getattr(aol, f) for f in ("meta_features_reference", "meta_features_fast",
-                                                   "meta_features_batched", "aol_loss")}
+        params = [*model.parameters(), *head.parameters()]
+        originals = {f: getattr(module, f) for f in ("meta_features_reference", "meta_features_fast",
+                                                     "meta_features_batched", loss_name) if hasattr(module, f)}
+
+        def watched(fn, phase):
+            def run(*args, **kwargs):
+                before = dict(counts)
+                result = fn(*args, **kwargs)
+                record(phase, params, before)
+                return result
+            return run
         for f, fn in originals.items():
-            setattr(aol, f, watched(fn, f"{name}: {'forward' if f == 'aol_loss' else 'meta'}", params))
-        for step in range(STEPS):
-            x, y, _ = batch(rank, step)
-            before = dict(counts)
-            aol_step(model, attention, opt, att_opt, x, y, hp, guard, forward=forward)
-            seen.append({"phase": f"{name}: step", "sent": {k: counts[k] - before[k] for k in counts},
-                         "grads": [p.grad is not None for p in params]})
-        for f, fn in originals.items():
-            setattr(aol, f, fn)
+            setattr(module, f, watched(fn, f"{name}: {'forward' if f == loss_name else 'meta'}"))
+        try:
+            for i in range(STEPS):
+                before = dict(counts)
+                step(i, forward, guard)
+                record(f"{name}: step", params, before)
+        finally:
+            for f, fn in originals.items():
+                setattr(module, f, fn)
+
+    for name, (hp, checkpointing, text) in VARIANTS.items():
+        if not text:
+            model, attention, opt, att_opt = make_parts(checkpointing)
+            watch(name, model, attention, lambda i, forward, guard: aol_step(
+                model, attention, opt, att_opt, *batch(rank, i)[:2], hp, guard, forward=forward), aol, "aol_loss")
+    model = make_parts()[0]
+    head = trust.LabelTrust(model.feature_dim, M, N, input="meta").double()
+    opt, head_opt = torch.optim.Adam(model.parameters(), lr=1e-2), torch.optim.Adam(head.parameters(), lr=1e-2)
+    watch("trust_meta", model, head, lambda i, forward, guard: trust.trust_step(
+        model, head, opt, head_opt, *batch(rank, i)[:2], trust.TrustHyper(input="meta"), guard, forward=forward),
+        trust, "trust_loss")
     (Path(out) / f"seen{rank}.json").write_text(json.dumps(seen))
 
 
 def test_meta_passes_stay_outside_ddps_reduction(tmp_path):
     """Eq. 1's meta-gradients stay on their rank: during the forward, M meta passes included, DDP reduces
-    no bucket, no collective runs and no .grad is filled; the step's backward then reduces every bucket."""
+    no bucket, no collective runs and no .grad is filled; the step's backward then reduces every bucket
+    (reference, fast and batched steps, checkpointing off and on; the trust head on meta features)."""
     run_gloo(_watch_meta_passes, 2, str(tmp_path))
     for rank in range(2):
         seen = json.loads((tmp_path / f"seen{rank}.json").read_text())
         meta = [s for s in seen if s["phase"].endswith(": meta")]
         forwards = [s for s in seen if s["phase"].endswith(": forward")]
         steps = [s for s in seen if s["phase"].endswith(": step")]
-        assert len(forwards) == len(steps) == len(meta) == STEPS * (len(VARIANTS) - 1)
+        assert len(forwards) == len(steps) == len(meta) == STEPS * len(VARIANTS)  # 6 image-only + trust
         for s in meta + forwards:
             assert s["sent"] == {"collectives": 0, "buckets": 0}, s
             assert not any(s["grads"]), s
