@@ -185,6 +185,10 @@ class TrainConfig:
     precision: str = "auto"
     """Training step arithmetic: "auto" = bf16 autocast on a GPU (float32 master weights, optimizer and
     attention update in float32), float32 on the CPU; "fp32"; "bf16" (autocast on any device)."""
+    grad_compression: str = "none"
+    """How the ranks send the outer and attention gradients to each other (DDP communication hooks):
+    "none" (the parameters' precision), "bf16" or "fp16" (half the bytes; the averaged gradients are rounded
+    to that precision). No effect on one process; refused under DeepSpeed launch configs."""
     tensorboard: bool = False
     """Also write the logged scalars to ``<run>/tensorboard`` (needs the ``tensorboard`` package)."""
     plots: bool = True
@@ -202,6 +206,10 @@ class TrainConfig:
         _require(self.resume not in ("latest", "auto") or bool(self.run_name),
                  f"train.resume = {self.resume!r} needs train.run_name (the run to continue)")
         _require(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        from aol_dist.dist import GRAD_COMPRESSION
+
+        _require(self.grad_compression in GRAD_COMPRESSION,
+                 f"train.grad_compression must be one of {', '.join(GRAD_COMPRESSION)}, got {self.grad_compression!r}")
         _require(self.nan_policy in ("skip", "stop"), f"train.nan_policy must be skip or stop, got {self.nan_policy!r}")
         _require(self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
         _require(self.collective_timeout_s > 0, "train.collective_timeout_s must be > 0")

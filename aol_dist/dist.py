@@ -1,7 +1,9 @@
-"""The only module that knows about ranks: process-group start-up, gradient averaging, broadcasts.
+"""The only module that knows about ranks: process-group start-up, the DDP wrapper of the outer step,
+averaging of batch-norm statistics, broadcasts.
 
-Training code receives a :class:`World` and an ``average_gradients`` callable; models, the meta step
-and the data reader never read global distributed state themselves.
+Training code receives a :class:`World`, a ``forward`` (:func:`data_parallel`) and an
+``average_gradients`` callable (:class:`~aol_dist.faults.StepGuard`); models, the meta step and the data
+reader never read global distributed state themselves.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -106,30 +109,64 @@ def deepspeed_config_file() -> str | None:
     return path
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter], world: World,
-                      buffers: Iterable[torch.Tensor] = ()) -> bool:
-    """Average ``.grad`` of ``params`` over all ranks with one coalesced all-reduce (SPEC 3.7).
+GRAD_COMPRESSION = ("none", "bf16", "fp16")
+"""``train.grad_compression``: how DDP sends the outer and attention gradients (DDP communication hooks)."""
 
-    Floating-point ``buffers`` (batch-norm running statistics) ride in the same all-reduce and are
-    averaged too: each rank's forward updates them from its local batch, and without this the ranks'
-    models would drift apart in eval mode although their parameters are identical. A parameter with
-    no gradient on this rank contributes zeros.
 
-    Returns whether every averaged value is finite. A NaN or inf on any rank survives the sum, so
-    every rank reads the same answer from the same reduced buffer and the ranks agree on skipping
-    a step without a second collective.
+class OuterStep(nn.Module):
+    """The modules the outer update trains (classifier, and attention or CM matrices: Eq. 4 and 5) as one
+    module whose forward runs the step's loss computation, ``compute()``.
+
+    DDP wraps it: DDP's forward prepares its reducer around the whole outer computation, the M meta passes
+    (Eq. 1) included, and the one backward of the loss all-reduces every trained module's gradients in
+    buckets while it runs. The meta passes stay local: ``torch.autograd.grad`` returns their gradients
+    without accumulating them into ``.grad``, so none of DDP's hooks fires and nothing is sent
+    (tests/test_distributed.py counts it).
     """
-    params = [p for p in params if p.requires_grad]
-    buffers = [b for b in buffers if b.is_floating_point()]
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.trained = nn.ModuleDict(modules)
+
+    def forward(self, compute: Callable[[], Any]) -> Any:
+        return compute()
+
+
+def data_parallel(modules: dict[str, nn.Module], world: World, compression: str = "none") -> nn.Module:
+    """PyTorch DDP over ``modules``: the ``forward`` the step functions route their loss through (SPEC 3.7).
+
+    Every parameter of ``modules`` must get a gradient every step (no unused-parameter search: pass only
+    the modules the method trains). DDP does not broadcast buffers in the forward (``forward_sync_buffers``
+    off): :class:`~aol_dist.faults.StepGuard` averages the batch-norm running statistics after the backward
+    pass (:func:`average_statistics`), as before DDP. ``compression`` bf16/fp16 registers DDP's compression
+    hook: gradients travel in half precision, divided by the world size before the sum. The gradients are
+    views into DDP's buckets (``gradient_as_bucket_view``): no copy between the two.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    if compression not in GRAD_COMPRESSION:
+        raise ValueError(f"train.grad_compression must be one of {GRAD_COMPRESSION}, got {compression!r}")
+    ddp = DistributedDataParallel(OuterStep(modules), forward_sync_buffers=False, gradient_as_bucket_view=True)
+    hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+    if compression in hooks:
+        ddp.register_comm_hook(None, hooks[compression])
+    return ddp
+
+
+def average_statistics(tensors: Iterable[torch.Tensor], world: World) -> bool:
+    """Average the floating-point ``tensors`` over all ranks with one all-reduce; whether all are finite.
+
+    For the batch-norm running statistics: each rank's forward updates them from its local batch, and
+    without this the ranks' models would drift apart in eval mode although their parameters are
+    identical. A NaN or inf on any rank survives the sum, so every rank reads the same answer.
+    """
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not tensors:
+        return True
     if not world.distributed:
-        local = [p.grad for p in params if p.grad is not None] + buffers
-        return bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    tensors = [p.grad for p in params] + buffers
-    dtype = tensors[0].dtype if tensors else torch.float32
-    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+        return all_finite(tensors)
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world.world_size
     offset = 0
@@ -138,6 +175,12 @@ def average_gradients(params: Iterable[torch.nn.Parameter], world: World,
         t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
     return bool(torch.isfinite(flat).all())
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (one host synchronisation)."""
+    checks = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def all_gather_object(obj: Any, world: World) -> list[Any]:

@@ -1,15 +1,16 @@
 """What a step does when something goes wrong: the NaN/inf policy, and faults injected for tests.
 
 The step functions call the injected ``average_gradients`` between backward and the optimizer steps;
-:class:`StepGuard` is that callable. It averages the gradients (one all-reduce), learns from the
-reduced buffer whether any rank had a NaN or inf (every rank reads the same answer, so the ranks
-agree without another collective), and after the step applies ``train.nan_policy``: restore the
-batch-norm statistics the bad forward touched and either skip the update on every rank or stop
-with the step, the rank(s) and the sample ids named.
+:class:`StepGuard` is that callable. By then DDP has averaged the gradients during the backward pass
+(``dist.data_parallel``); the guard averages the batch-norm statistics (one all-reduce), learns from the
+averaged gradients and statistics whether any rank had a NaN or inf (every rank holds the same
+averages, so the ranks agree without another collective), and after the step applies
+``train.nan_policy``: restore the batch-norm statistics the bad forward touched and either skip the
+update on every rank or stop with the step, the rank(s) and the sample ids named.
 
 ``train.debug_fault = KIND:RANK:STEP`` lets tests make a rank misbehave at a chosen step: ``nan``
 poisons the rank's batch; ``exit``, ``hang`` and ``kill`` act mid-step, after backward and before
-the gradient all-reduce, where a real failure leaves the other ranks waiting in a collective.
+the statistics all-reduce, where a real failure leaves the other ranks waiting in a collective.
 """
 
 from __future__ import annotations
@@ -78,22 +79,26 @@ class StepGuard:
             batch["image"].fill_(math.nan)
 
     def __call__(self) -> bool:
-        return self._average(self.params, self.buffers)
+        """After the backward pass, in which DDP averaged the gradients: average the batch-norm statistics;
+        whether the gradients and statistics are finite (the same answer on every rank)."""
+        statistics = self._average(self.buffers)
+        self.finite = statistics and D.all_finite(p.grad for p in self.params if p.grad is not None)
+        return self.finite
 
     def check(self, extra: list[torch.Tensor] = ()) -> bool:
-        """Under DeepSpeed, which has reduced the gradients itself: average the batch-norm statistics and
-        ``extra`` (the loss) in our all-reduce and say whether all are finite on every rank."""
-        return self._average([], self.buffers + list(extra))
+        """Under DeepSpeed, which holds the reduced gradients in its own buffers: average the batch-norm
+        statistics and ``extra`` (the loss) in our all-reduce and say whether all are finite on every rank."""
+        self.finite = self._average(self.buffers + list(extra))
+        return self.finite
 
-    def _average(self, params: list[torch.nn.Parameter], tensors: list[torch.Tensor]) -> bool:
+    def _average(self, tensors: list[torch.Tensor]) -> bool:
         for kind in ("exit", "hang", "kill"):
             if self._fault_now(kind):
                 self._act(kind)
         try:
-            self.finite = D.average_gradients(params, self.world, tensors)
+            return D.average_statistics(tensors, self.world)
         except RuntimeError as e:  # a peer died or hung: say where this rank was
-            raise RuntimeError(f"gradient all-reduce of step {self.step} failed: {e}") from e
-        return self.finite
+            raise RuntimeError(f"all-reduce of the batch-norm statistics of step {self.step} failed: {e}") from e
 
     def after(self, out: dict[str, torch.Tensor], keys: list[str]) -> bool:
         """True if the step's update was applied; False if it was skipped; raises under ``stop``."""

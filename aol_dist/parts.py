@@ -16,7 +16,7 @@ from aol_dist import dist as D
 from aol_dist.config import Config, ConfigError, check_listing_threshold
 from aol_dist.data.shards import label_kind
 from aol_dist.method import baselines
-from aol_dist.method.aol import AolHyper, aol_step, bce
+from aol_dist.method.aol import AolHyper, Forward, aol_step, bce, local_forward
 from aol_dist.method.trust import LabelTrust, TrustHyper, trust_step
 from aol_dist.model.attention import LabelAttention
 from aol_dist.model.backbone import Classifier
@@ -45,10 +45,25 @@ class Parts:
     """The shards' ``label_kind``: multilabel, or multiclass (the findings are classes, label sets one-hot)."""
     loss: str = "bce"
     """``method.loss`` resolved for the shards, bce or softmax: what the baselines train with."""
+    method: str = "aol"
+    """``method.name``: which modules the step trains (:meth:`trained`)."""
+    forward: Forward = local_forward
+    """How the step runs its loss computation: on this rank alone, or through DDP (``dist.data_parallel``
+    over :meth:`trained`, set by the loop in a distributed run)."""
 
     def modules(self) -> dict[str, nn.Module]:
         """The trained modules by name (what a checkpoint holds)."""
         out: dict[str, nn.Module] = {"model": self.model, "attention": self.attention}
+        if self.cm is not None:
+            out["cm"] = self.cm
+        return out
+
+    def trained(self) -> dict[str, nn.Module]:
+        """The modules whose parameters the step updates (the attention is built for every method, so that
+        checkpoints hold the same modules, and trained by ``aol`` only): what DDP reduces."""
+        out: dict[str, nn.Module] = {"model": self.model}
+        if self.method == "aol":
+            out["attention"] = self.attention
         if self.cm is not None:
             out["cm"] = self.cm
         return out
@@ -110,7 +125,7 @@ def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Par
     attention_optimizer = (torch.optim.Adam(_trust_groups(attention, mc), lr=mc.trust_lr) if isinstance(attention, LabelTrust)
                            else torch.optim.SGD(attention.parameters(), lr=mc.attention_lr))
     parts = Parts(model, attention, optimizer, attention_optimizer, label_sets, findings, step=None,  # type: ignore[arg-type]
-                  cm=cm, text_encoder=encoder, label_kind=kind, loss=loss)
+                  cm=cm, text_encoder=encoder, label_kind=kind, loss=loss, method=mc.name)
     parts.step = _make_step(parts, config)
     return parts
 
@@ -135,19 +150,19 @@ def _make_step(parts: Parts, config: Config) -> Step:
 
         def step(batch, average):
             return trust_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],
-                              labels_of(batch), trust_hp, average, parts.text(batch), mc.fast)
+                              labels_of(batch), trust_hp, average, parts.text(batch), mc.fast, forward=parts.forward)
         return step
     if mc.name == "aol":
         hp = AolHyper.from_method(mc)
 
         def step(batch, average):
             return aol_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],
-                            labels_of(batch), hp, average, parts.text(batch))
+                            labels_of(batch), hp, average, parts.text(batch), forward=parts.forward)
         return step
     if mc.name == "cm":
         def step(batch, average):
             return baselines.cm_step(model, parts.cm, parts.optimizer, batch["image"], labels_of(batch),
-                                     mc.cm_lambda, average, parts.text(batch))
+                                     mc.cm_lambda, average, parts.text(batch), forward=parts.forward)
         return step
     loss_fn = baselines.soft_cross_entropy if parts.loss == "softmax" else bce
     if mc.name == "truth":
@@ -155,7 +170,7 @@ def _make_step(parts: Parts, config: Config) -> Step:
 
         def step(batch, average):
             return baselines.plain_step(model, parts.optimizer, batch["image"], baselines.truth_target(batch, where),
-                                        average, parts.text(batch), loss_fn)
+                                        average, parts.text(batch), loss_fn, forward=parts.forward)
         return step
     if mc.name == "single":
         name = mc.single_label_set or parts.label_sets[0]
@@ -169,7 +184,7 @@ def _make_step(parts: Parts, config: Config) -> Step:
 
     def step(batch, average):
         return baselines.plain_step(model, parts.optimizer, batch["image"], target(labels_of(batch)), average,
-                                    parts.text(batch), loss_fn)
+                                    parts.text(batch), loss_fn, forward=parts.forward)
     return step
 
 

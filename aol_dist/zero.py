@@ -11,12 +11,13 @@ under ZeRO-1, reduce-scatter under ZeRO-2); the meta-gradients never leave the r
 
 Adam (classifier) and SGD (attention) become one :class:`JointOptimizer`, because an engine takes one
 optimizer; ZeRO partitions its state across ranks. Batch-norm statistics are not DeepSpeed's concern:
-:class:`~aol_dist.faults.StepGuard` averages them in our own all-reduce, as in the default path, and
+:class:`~aol_dist.faults.StepGuard` averages them in our own all-reduce, as in the DDP path, and
 the same all-reduce carries the loss so every rank learns of a NaN.
 
 Limits (documented in docs/distributed.md): method ``aol`` only; ``nan_policy = skip`` is not
 available (a non-finite step stops the run: ZeRO holds the reduced gradients in its own buffers);
-fp32 only (the JSON files leave bf16/fp16 off).
+fp32 only (the JSON files leave bf16/fp16 off); ``train.grad_compression`` must be ``none`` (it is a
+DDP communication hook).
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def maybe_deepspeed(parts: Any, config: Config, world: D.World):
     if config.method.name != "aol":
         raise ValueError(f"the DeepSpeed launch configs train method aol only (method.name = {config.method.name!r}); "
                          f"train baselines with the DDP-style configs (gpu_8_ddp.yaml, multi_node.yaml)")
+    if config.train.grad_compression != "none":
+        raise ValueError(f"train.grad_compression = {config.train.grad_compression!r} is a DDP communication hook and "
+                         f"does not apply under DeepSpeed (ZeRO reduces the gradients itself); use grad_compression = none")
     if config.train.nan_policy == "skip":
         raise ValueError("train.nan_policy = skip is not available under DeepSpeed (ZeRO keeps the reduced "
                          "gradients in its own buffers); use nan_policy = stop")

@@ -67,3 +67,14 @@ def run_gloo(fn, world_size: int, *args) -> None:
 
     mp.start_processes(_spawned, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
                        start_method="spawn")
+
+
+def outer_step_tools(world, model, attention, compression: str = "none"):
+    """What the training loop injects into a step on 2+ ranks, for tests that call ``aol_step`` themselves:
+    ``forward`` (DDP over the classifier and attention) and ``average_gradients`` (a StepGuard)."""
+    from aol_dist import dist as D
+    from aol_dist.faults import StepGuard
+
+    forward = D.data_parallel({"model": model, "attention": attention}, world, compression)
+    guard = StepGuard(list(model.parameters()) + list(attention.parameters()), list(model.buffers()), world, "stop", 1)
+    return forward, guard

@@ -33,6 +33,7 @@ def test_file_then_overrides(tmp_path):
     ("method.meta_lr=0", r"method\.meta_lr must be > 0"),
     ("method.attention_lr=-1", r"method\.attention_lr must be >= 0"),
     ("method.regimes=0", r"method\.regimes must be 1 to 8, got 0"),
+    ("train.grad_compression=int8", r"train\.grad_compression must be one of none, bf16, fp16, got 'int8'"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

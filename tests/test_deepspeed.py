@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-1/2 on 2 gloo processes (CPU): the same parameters as the default path (gradients
-averaged by aol_dist.dist) after 3 steps from the same start, and identical ranks. The training loop
+averaged by DDP, aol_dist.dist.data_parallel) after 3 steps from the same start, and identical ranks. The training loop
 under a DeepSpeed launch, killed and resumed, is in test_checkpoint_resume.py."""
 
 from pathlib import Path
@@ -15,7 +15,7 @@ from aol_dist.method.aol import AolHyper, aol_step  # noqa: E402
 from aol_dist.model.attention import LabelAttention  # noqa: E402
 from aol_dist.model.backbone import Classifier  # noqa: E402
 from aol_dist.zero import build_engine, make_step, read_deepspeed_config  # noqa: E402
-from helpers import run_gloo  # noqa: E402
+from helpers import outer_step_tools, run_gloo  # noqa: E402
 
 M, N, B, STEPS = 3, 5, 4, 3
 HP = AolHyper(meta_lr=0.2, k=5.0, threshold=0.5)
@@ -43,10 +43,10 @@ def _state(model, attention):
 def _compare(rank, world_size, out):
     world = D.world_from_process_group()
     model, attention, opt, att_opt = _parts()
-    params, buffers = list(model.parameters()) + list(attention.parameters()), list(model.buffers())
+    forward, guard = outer_step_tools(world, model, attention)
     for step in range(STEPS):
         b = _batch(rank, step)
-        aol_step(model, attention, opt, att_opt, b["image"], b["labels"], HP, lambda: D.average_gradients(params, world, buffers))
+        aol_step(model, attention, opt, att_opt, b["image"], b["labels"], HP, guard, forward=forward)
     results = {"default": _state(model, attention)}
     for stage in (1, 2):
         model, attention, opt, att_opt = _parts()
@@ -82,3 +82,15 @@ def test_deepspeed_config_checks():
     assert read_deepspeed_config(path, 32)["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="must be the run config's data.batch_size"):
         read_deepspeed_config(path, 16)
+
+
+def test_grad_compression_is_refused_under_deepspeed(monkeypatch):
+    """A DDP communication hook has no place in a ZeRO launch: a start-up error naming the key."""
+    from aol_dist.config import config_from_dict
+    from aol_dist.zero import maybe_deepspeed
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "launch_configs" / "deepspeed_zero2.json"))
+    config = config_from_dict({"train": {"grad_compression": "bf16", "nan_policy": "stop"}})
+    with pytest.raises(ValueError, match="train.grad_compression = 'bf16' is a DDP communication hook"):
+        maybe_deepspeed(None, config, D.World())

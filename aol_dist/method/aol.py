@@ -10,15 +10,17 @@ as vector-Jacobian products of the one forward graph with the analytic BCE cotan
 operations, and runs batch norm on batch statistics without tracking instead of on M throw-away
 copies of the running statistics.
 
-The step knows nothing about ranks: the caller injects ``average_gradients``, called once per step
-between the backward pass and the optimizer steps (outer and attention gradients only; the M
-meta-gradients stay local to the rank, SPEC 3.2).
+The step knows nothing about ranks: the caller injects ``forward``, which runs the step's loss
+computation (in a distributed run through DDP, ``dist.data_parallel``, which then averages the outer and
+attention gradients during the backward pass), and ``average_gradients``, called once per step between
+the backward pass and the optimizer steps (``faults.StepGuard``: batch-norm statistics, NaN/inf policy).
+The M meta-gradients stay local to the rank (SPEC 3.7): ``torch.autograd.grad`` never fills ``.grad``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,16 @@ class AolHyper:
         """From a run config's ``method`` section (config.MethodConfig)."""
         return cls(meta_lr=mc.meta_lr, k=mc.k, threshold=mc.threshold, combine=mc.combine, scope=mc.meta_scope,
                    fast=mc.fast, batched=mc.batched_last_stage)
+
+
+Forward = Callable[[Callable[[], Any]], Any]
+"""Runs a step's loss computation, ``forward(compute) -> compute()``: :func:`local_forward`, or the DDP
+wrapper of a distributed run (``dist.data_parallel``)."""
+
+
+def local_forward(compute: Callable[[], Any]) -> Any:
+    """The loss computation on this rank alone (one process, or a test of the step itself)."""
+    return compute()
 
 
 def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -191,15 +203,15 @@ def aol_loss(model: nn.Module, attention: LabelAttention, x: torch.Tensor, label
 def aol_step(model: nn.Module, attention: LabelAttention, optimizer: torch.optim.Optimizer,
              attention_optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor, hp: AolHyper,
              average_gradients: Callable[[], bool | None] = lambda: None,
-             text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+             text: torch.Tensor | None = None, forward: Forward = local_forward) -> dict[str, torch.Tensor]:
     """One iteration of Algorithm 1 on a local batch; returns the loss and the attention weights.
 
     ``labels`` is (B, M, N) in {0, 1}. Outer update: Adam on grad_theta L_C(y_hat, y_tilde) (Eq. 4);
     attention update: SGD on grad_{W,b} of the same loss (Eq. 5).
     """
-    loss, weights, y_tilde = aol_loss(model, attention, x, labels, hp, text)
     optimizer.zero_grad(set_to_none=True)
     attention_optimizer.zero_grad(set_to_none=True)
+    loss, weights, y_tilde = forward(lambda: aol_loss(model, attention, x, labels, hp, text))
     loss.backward()
     attention_grad_norm = grad_norm(attention.parameters())
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update

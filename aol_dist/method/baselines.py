@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aol_dist.method.aol import bce
+from aol_dist.method.aol import Forward, bce, local_forward
 
 
 def single_target(labels: torch.Tensor, index: int) -> torch.Tensor:
@@ -76,10 +76,12 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, targets: torch.Tensor,
                average_gradients: Callable[[], bool | None] = lambda: None,
                text: torch.Tensor | None = None,
-               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = bce) -> dict[str, torch.Tensor]:
-    """One ordinary training step: ``loss_fn`` (BCE, or :func:`soft_cross_entropy`) against fixed targets."""
-    loss = loss_fn(model(x, text), targets)
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = bce,
+               forward: Forward = local_forward) -> dict[str, torch.Tensor]:
+    """One ordinary training step: ``loss_fn`` (BCE, or :func:`soft_cross_entropy`) against fixed targets.
+    ``forward`` and ``average_gradients`` as in :func:`aol_dist.method.aol.aol_step`."""
     optimizer.zero_grad(set_to_none=True)
+    loss = forward(lambda: loss_fn(model(x, text), targets))
     loss.backward()
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
         optimizer.step()
@@ -149,11 +151,11 @@ def cm_class_loss(logits: torch.Tensor, labels: torch.Tensor, matrices: torch.Te
 def cm_step(model: nn.Module, cm: ConfusionMatrices | ClassConfusionMatrices, optimizer: torch.optim.Optimizer,
             x: torch.Tensor, labels: torch.Tensor, trace_weight: float,
             average_gradients: Callable[[], bool | None] = lambda: None,
-            text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            text: torch.Tensor | None = None, forward: Forward = local_forward) -> dict[str, torch.Tensor]:
     """One CM training step: classifier and confusion matrices trained jointly by one optimizer (the
     matrices in a parameter group of their own, ``method.cm_lr``)."""
-    loss = cm.loss(model(x, text), labels, trace_weight)
     optimizer.zero_grad(set_to_none=True)
+    loss = forward(lambda: cm.loss(model(x, text), labels, trace_weight))
     loss.backward()
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
         optimizer.step()

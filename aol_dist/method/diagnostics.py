@@ -1,6 +1,7 @@
 """What the weights over the label sets are doing, per step: logged under ``diagnostics`` in log.jsonl.
 
-- ``attention_grad_norm``: the norm of the gradient reaching the attention (or annotator-model) parameters.
+- ``attention_grad_norm``: the norm of the gradient reaching the attention (or annotator-model) parameters,
+  averaged over the ranks as the update applies it (DDP has reduced it by the time it is read).
 - ``weight_spread``: the standard deviation of the weights across the samples of a batch, averaged over
   label sets and findings: 0 means one global weight (a bias), not a per-sample choice.
 - ``weight_entropy``: the entropy of the weights over the label sets (log M = uniform, 0 = one set).

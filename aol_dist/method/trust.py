@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aol_dist.method.aol import grad_norm, meta_features_fast, meta_features_reference
+from aol_dist.method.aol import Forward, grad_norm, local_forward, meta_features_fast, meta_features_reference
 
 INIT_ACCURACY = 0.8
 """Every label set starts out believed right 80 % of the time: better than chance, so the truth is not
@@ -281,11 +281,13 @@ def trust_loss(model: nn.Module, trust: LabelTrust, x: torch.Tensor, labels: tor
 def trust_step(model: nn.Module, trust: LabelTrust, optimizer: torch.optim.Optimizer,
                trust_optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor, hp: TrustHyper,
                average_gradients: Callable[[], bool | None] = lambda: None,
-               text: torch.Tensor | None = None, fast: bool = True) -> dict[str, torch.Tensor]:
-    """One step: classifier and annotator model by -log P(Y | x); returns loss, trust weights, targets q."""
-    loss, q, w = trust_loss(model, trust, x, labels, hp, text, fast)
+               text: torch.Tensor | None = None, fast: bool = True,
+               forward: Forward = local_forward) -> dict[str, torch.Tensor]:
+    """One step: classifier and annotator model by -log P(Y | x); returns loss, trust weights, targets q.
+    ``forward`` and ``average_gradients`` as in :func:`aol_dist.method.aol.aol_step`."""
     optimizer.zero_grad(set_to_none=True)
     trust_optimizer.zero_grad(set_to_none=True)
+    loss, q, w = forward(lambda: trust_loss(model, trust, x, labels, hp, text, fast))
     loss.backward()
     attention_grad_norm = grad_norm(trust.parameters())
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
