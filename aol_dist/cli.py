@@ -91,7 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from aol_dist import dist
-    from aol_dist.config import load_config
+    from aol_dist.config import load_run_config
     from aol_dist.data.shards import label_shape, read_manifest, split_shards
     from aol_dist.data.stream import EvalStream, make_loader
     from aol_dist.evaluate import evaluate, write_results
@@ -106,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     if problem:
         print(f"aol eval: {problem}", file=sys.stderr)
         return 2
-    config = load_config(run / "config.toml")
+    config = load_run_config(run / "config.toml")
     shard_dir = args.shards or config.data.shards
     manifest = read_manifest(shard_dir)
     trained_on = read_manifest(config.data.shards) if Path(config.data.shards, "manifest.json").is_file() else manifest

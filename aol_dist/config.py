@@ -104,10 +104,12 @@ class MethodConfig:
     monotone: bool = True
     """trust = posterior, multi-label data: every label set says "present" more often when the finding is
     present than when it is absent (by >= 0.1); false lets the annotator model fit inverted sets."""
-    regimes: int = 1
+    regimes: int = 2
     """trust = posterior: labelling regimes R. R > 1: each image's labels come from a mixture of R annotator
     models, weighted by a small network on the image (method/trust.py RegimeNet): label sets whose
-    reliability depends on the image (which hospital, which scanner, a mark on the film)."""
+    reliability depends on the image (which hospital, which scanner, a mark on the film). 1: one global
+    annotator model. 2 by the study (docs/quality.md): the only setting that chooses per image on
+    `instance`, a tie elsewhere."""
     regime_balance: float = 1.0
     """regimes > 1: weight of KL(the batch's mean regime weights || uniform), which keeps every regime in use
     (method/trust.py regime_balance); 0 lets one regime take every image."""
@@ -337,6 +339,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: {e}") from None
     values = _merge(values, parse_overrides(list(overrides)))
     return _build(Config, values, "").validate()
+
+
+WRITTEN_BEFORE = {("method", "regimes"): 1}
+"""Keys a run's written config.toml lacks when it predates them, and the value the run trained with."""
+
+
+def load_run_config(path: str | Path) -> Config:
+    """A finished run's written config.toml (``aol eval``, ``aol audit``): a key added since the run was
+    written takes the value the run trained with (:data:`WRITTEN_BEFORE`), not today's default."""
+    config = load_config(path)
+    values = tomllib.loads(Path(path).read_text())
+    missing = [f"{section}.{key}={value}" for (section, key), value in WRITTEN_BEFORE.items()
+               if key not in values.get(section, {})]
+    return load_config(path, missing) if missing else config
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -48,3 +48,17 @@ def test_written_config_round_trips(tmp_path):
     p.write_text(text)
     assert load_config(p) == c
     assert tomllib.loads(text)["train"]["steps"] == 3
+
+
+def test_a_run_written_before_a_key_existed_loads_with_what_it_trained(tmp_path):
+    """``aol eval`` / ``aol audit`` of a run from before method.regimes: one regime, as it trained (today's
+    default, 2, would rebuild another model and fail on its checkpoint)."""
+    from aol_dist.config import load_run_config
+
+    text = to_toml(load_config(None, ["method.regimes=2"]), "abc123")
+    old = tmp_path / "old.toml"
+    old.write_text("\n".join(line for line in text.splitlines() if not line.startswith("regimes")))
+    assert load_config(old).method.regimes == 2 and load_run_config(old).method.regimes == 1
+    new = tmp_path / "new.toml"
+    new.write_text(text)
+    assert load_run_config(new).method.regimes == 2

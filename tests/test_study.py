@@ -129,7 +129,7 @@ def test_plan_expands_label_sets_and_selects_by_pattern(tmp_path):
     table = {"instance": (bench, ["A", "B"], tmp_path / "shards")}
     labels = [m.label for m in expand_methods(["A", "B"])]
     assert labels == ["aol", "aol:paper", "aol:paper_per_finding", "aol:global", "aol:features", "aol:free", "aol:meta",
-                      "aol:independent",
+                      "aol:independent", "aol:one_regime", "aol:regimes_free",
                       "single:A", "single:B", "majority", "soft_average", "cm", "truth"]
     assert [m for m in labels if is_baseline(m)] == ["single:A", "single:B", "majority", "soft_average", "cm"]
     runs = plan(table, tmp_path, 3)  # without --methods: the default rows, not the variants studied on their own

@@ -64,7 +64,7 @@ class Inputs:
 def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> Inputs:
     """Every bad input as an :class:`AuditError` naming the file or the value."""
     from aol_dist.checkpoint import unusable_run
-    from aol_dist.config import ConfigError, load_config
+    from aol_dist.config import ConfigError, load_run_config
     from aol_dist.data.shards import ShardError, read_manifest
 
     if mc_samples < 1:
@@ -73,7 +73,7 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
     if problem:
         raise AuditError(problem)
     try:
-        config = load_config(run / "config.toml")
+        config = load_run_config(run / "config.toml")
     except ConfigError as e:
         raise AuditError(f"{run / 'config.toml'}: {e}") from None
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, shards=str(run_relative(config.data.shards, run))))
@@ -149,6 +149,7 @@ def score_split(parts: Any, config: Any, stream: Any, mc: Any, world: Any) -> di
                                                   "phi", "phi_entry", "confidence", "uncertainty",
                                                   "contradiction", "uncertainty_score", "expected_wrong")}
     parts.model.eval()
+    parts.attention.eval()  # the regime network's batch norm: its running statistics, as the model's
     for raw in stream:
         batch = to_device(raw, world.device)
         with torch.no_grad():
@@ -326,6 +327,7 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     if "attention" in inputs.checkpoint:
         parts.attention.load_state_dict(inputs.checkpoint["attention"])
     parts.model.eval()
+    parts.attention.eval()  # the regime network's batch norm: its running statistics, as the model's
     mc = MCBatchNorm(parts.model, mc_batches(config, mc_samples, seed, world.device),
                      lambda model, batch: model(batch["image"], parts.text(batch)))
     stream = EvalStream(split_shards(inputs.shard_dir, inputs.manifest, split), world.rank, world.world_size,

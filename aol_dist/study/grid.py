@@ -25,7 +25,7 @@ class Method:
 
 
 METHODS: tuple[Method, ...] = (
-    Method("aol", ("method.name=aol",)),  # the defaults: trust = posterior (method/trust.py)
+    Method("aol", ("method.name=aol",)),  # the defaults: trust = posterior, 2 regimes (method/trust.py)
     Method("aol:paper", ("method.name=aol", "method.trust=attention")),  # the paper's Eq. 2-5 (configs/paper_exact.toml)
     Method("aol:paper_per_finding", ("method.name=aol", "method.trust=attention", "method.attention=per_finding"),
            default=False),
@@ -34,8 +34,8 @@ METHODS: tuple[Method, ...] = (
     Method("aol:free", ("method.name=aol", "method.monotone=false"), default=False),  # inverted sets allowed
     Method("aol:meta", ("method.name=aol", "method.trust_input=meta"), default=False),  # the head reads F_m (Eq. 1)
     Method("aol:independent", ("method.name=aol", "method.annotator=independent"), default=False),
-    Method("aol:regimes", ("method.name=aol", "method.regimes=2"), default=False),  # a mixture of 2 annotator models
-    Method("aol:regimes_free", ("method.name=aol", "method.regimes=2", "method.regime_balance=0"), default=False),
+    Method("aol:one_regime", ("method.name=aol", "method.regimes=1"), default=False),  # one global annotator model
+    Method("aol:regimes_free", ("method.name=aol", "method.regime_balance=0"), default=False),  # no balance term
     Method("single:{label_set}", ("method.name=single", "method.single_label_set={label_set}")),
     Method("majority", ("method.name=majority",)),
     Method("soft_average", ("method.name=soft_average",)),
