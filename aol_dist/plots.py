@@ -148,13 +148,9 @@ def roc_curves(roc: dict[str, Any], auc: dict[str, Any] | None, path: Path, titl
     return _save(fig, path)
 
 
-def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
-    """Throughput and efficiency vs GPU count from the runs of a scaling study (``slurm/scaling_array.sbatch``).
-
-    Per run: the median of ``samples_per_s`` over its log records after the first (warm-up), and its
-    ``world_size``. Efficiency = throughput / (GPUs x throughput per GPU at the smallest count).
-    Writes ``scaling.csv`` and ``scaling.png`` into ``out_dir``.
-    """
+def scaling_points(run_dirs: list[Path]) -> list[tuple[int, float, str]]:
+    """(GPUs, samples/s, run name) per run of a scaling study, sorted by GPUs: the median of ``samples_per_s``
+    over its log records after the first (warm-up), and its ``world_size``."""
     points = []
     for run in run_dirs:
         log = [r for r in read_log(run) if "world_size" in r]
@@ -162,13 +158,30 @@ def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
             raise ValueError(f"{run}: no log records with world_size (log.jsonl missing or from an older version)")
         speeds = sorted(r["samples_per_s"] for r in (log[1:] or log))
         points.append((log[-1]["world_size"], speeds[len(speeds) // 2], Path(run).name))
-    points.sort()
+    return sorted(points)
+
+
+def scaling_rows(points: list[tuple[int, float, str]]) -> list[dict[str, Any]]:
+    """One row per point: efficiency = throughput / (GPUs x throughput per GPU at the smallest count)."""
+    base_gpus, base_speed, _ = points[0]
+    per_gpu = base_speed / base_gpus
+    return [{"gpus": g, "samples_per_s": v, "samples_per_s_per_gpu": v / g, "speedup": v / base_speed,
+             "efficiency": v / (g * per_gpu), "run": name} for g, v, name in points]
+
+
+def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
+    """Throughput and efficiency vs GPU count from the runs of a scaling study (``slurm/scaling_array.sbatch``),
+    per :func:`scaling_points` and :func:`scaling_rows` (``aol bench scaling --runs`` shows the same rows).
+    Writes ``scaling.csv`` and ``scaling.png`` into ``out_dir``.
+    """
+    points = scaling_points(run_dirs)
     base_gpus, base_speed, _ = points[0]
     per_gpu = base_speed / base_gpus
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = ["gpus,samples_per_s,samples_per_s_per_gpu,speedup,efficiency,run"]
-    rows += [f"{g},{v:.2f},{v / g:.2f},{v / base_speed:.3f},{v / (g * per_gpu):.3f},{name}" for g, v, name in points]
+    rows += [f"{r['gpus']},{r['samples_per_s']:.2f},{r['samples_per_s_per_gpu']:.2f},{r['speedup']:.3f},"
+             f"{r['efficiency']:.3f},{r['run']}" for r in scaling_rows(points)]
     csv_path = out_dir / "scaling.csv"
     csv_path.write_text("\n".join(rows) + "\n")
 
