@@ -202,6 +202,36 @@ def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
     return csv_path, _save(fig, out_dir / "scaling.png")
 
 
+def scaling_projection(result: dict[str, Any], path: Path) -> Path:
+    """Efficiency vs GPU count from ``aol bench scaling --json``: the projection per link, without (dashed) and
+    with DDP's overlap (solid), and the measured training runs of ``--runs`` (the same rows as
+    :func:`scaling`'s table), where given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
+    links = result["projection"]["links"]
+    for name, rows in result["projected"].items():
+        gpus = sorted(int(g) for g in rows)
+        line, = ax.plot(gpus, [rows[str(g)]["overlap_efficiency"] for g in gpus], "o-", lw=2,
+                        label=links[name]["label"])
+        ax.plot(gpus, [rows[str(g)]["efficiency"] for g in gpus], "o--", lw=1.2, color=line.get_color())
+    runs = result.get("runs") or {}
+    if runs:
+        gpus = sorted(int(g) for g in runs)
+        ax.plot(gpus, [runs[str(g)]["efficiency"] for g in gpus], "ks-", lw=2, label="measured training runs")
+    pr = result["projection"]
+    ticks = sorted({int(g) for rows in result["projected"].values() for g in rows} | {int(g) for g in runs})
+    low = min(line.get_ydata().min() for line in ax.lines)
+    ax.set(title=f"weak scaling, projected: {pr['arch']}, batch {pr['batch_per_gpu']} per GPU, GPU step "
+                 f"{pr['gpu_step_s']} s (assumed)\nsolid: with DDP's overlap, dashed: without", xlabel="GPUs",
+           ylabel="efficiency (throughput / linear)", xscale="log", ylim=(max(0.0, low - 0.05), 1.02))
+    ax.set_xticks(ticks, [str(g) for g in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, Path(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m aol_dist.plots RUN_DIR`` or ``python -m aol_dist.plots scaling RUN_DIR... [--out DIR]``."""
     args = sys.argv[1:] if argv is None else list(argv)

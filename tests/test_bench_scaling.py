@@ -83,3 +83,13 @@ def test_runs_of_the_scaling_array_feed_the_same_rows(tmp_path):
     assert list(table) == ["1", "2"]
     assert table["2"]["samples_per_s_per_gpu"] == 95.0 and table["2"]["efficiency"] == pytest.approx(0.95)
     assert table["2"]["run"] == "scale-2gpu-7"
+
+
+def test_projection_plot_with_runs(tmp_path):
+    from aol_dist.plots import scaling_projection
+
+    projected = ring.project(94_000_000, 200_000, 0.0742, 0.0109, 32, [8, 16, 64])
+    result = {"projected": projected, "runs": {"8": {"efficiency": 1.0}, "16": {"efficiency": 0.9}},
+              "projection": {"arch": "resnet50", "batch_per_gpu": 32, "gpu_step_s": 0.0742,
+                             **ring.assumptions()}}
+    assert scaling_projection(result, tmp_path / "scaling.png").stat().st_size > 10_000

@@ -251,11 +251,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nics-per-node", type=int, default=1, help="network links per node, shared by its GPUs")
     p.add_argument("--runs", nargs="*", default=[], help="finished training runs (the SLURM scaling array's) to "
                                                           "tabulate beside the figures")
+    p.add_argument("--plot", help="write the efficiency plot (projection and --runs) to this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
     result = run(args)
+    if args.plot:
+        from aol_dist.plots import scaling_projection
+
+        result["plot"] = str(scaling_projection(result, Path(args.plot)))
     if args.json:
         print(json.dumps(result))
         return 0
