@@ -3,22 +3,19 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from aol_dist.bench import ring
 from aol_dist.bench.scaling import gradient_bytes, trainer_parts
+from aol_dist.cli import main as cli
 from aol_dist.dist import World
 
 
-def test_bench_scaling_json_on_a_tiny_config():
-    proc = subprocess.run([sys.executable, "-m", "aol_dist.cli", "bench", "scaling", "--json", "--size", "16",
-                           "--batch", "4", "--rounds", "2", "--warmup", "1", "--gpus", "8,16"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+def test_bench_scaling_json_on_a_tiny_config(capsys):
+    assert cli(["bench", "scaling", "--json", "--size", "16", "--batch", "4", "--rounds", "2", "--warmup", "1",
+                "--gpus", "8,16"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert set(result["measured"]) == {"1", "2"}
     _, parts = trainer_parts("resnet_tiny", 4, [], World())
     trained = sum(p.numel() * 4 for m in parts.trained().values() for p in m.parameters())  # float32

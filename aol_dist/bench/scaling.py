@@ -110,7 +110,7 @@ def measure_rank(rank: int, world_size: int, opts: dict[str, Any], out: str) -> 
     nbytes = gradient_bytes(local)
     buffers = statistics_buffers(local)
     steps: dict[str, Callable[[], Any]] = {"compute": lambda: local.step(batch, lambda: None)}
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {}  # what DDP itself reports (2+ processes)
     if world.distributed:
         _, wrapped = trainer_parts(opts["arch"], opts["batch"], opts["overrides"], world)
         ddp = D.data_parallel(wrapped.trained(), world, opts["compression"])
@@ -207,8 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              args.gpus, ring.LINKS, args.gpus_per_node, args.nics_per_node)
     result: dict[str, Any] = {
         "measured": measured, "projected": projected,
-        "measured_config": {**{k: v for k, v in opts.items() if k != "rounds"}, "rounds": args.rounds,
-                            "device": "cpu", "backend": "gloo", "threads_per_process": 1},
+        "measured_config": {**opts, "device": "cpu", "backend": "gloo", "threads_per_process": 1},
         "projection": {"arch": args.gpu_arch, "batch_per_gpu": args.gpu_batch, "bytes": grad_bytes,
                        "stats_bytes": stats_bytes, "buckets": ring.ddp_buckets(grad_bytes),
                        "gpu_step_s": args.gpu_step_s, "gpu_backward_s": args.gpu_backward_s,
@@ -237,7 +236,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worlds", type=_ints, default=[1, 2], help="process counts measured here (comma-separated)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compression", choices=("none", "bf16", "fp16"), default="none", help="train.grad_compression")
+    p.add_argument("--compression", choices=("none", "bf16", "fp16"), default="none",
+                   help="train.grad_compression of the DDP step (the flat and the lone all-reduce stay float32)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides of the step measured and projected, e.g. method.trust=attention")
     p.add_argument("--gpu-arch", default="resnet50", help="model whose gradient bytes are projected")
