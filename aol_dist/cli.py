@@ -1,5 +1,5 @@
 """The ``aol`` command: ``aol shards synth|mimic|openi|generic|verify|inspect``, ``aol eval``, ``aol compare``,
-``aol bench step|loader``, ``aol study``, ``aol audit``."""
+``aol bench step|loader|scaling``, ``aol study``, ``aol audit``."""
 
 from __future__ import annotations
 
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench_command", required=True)
     _add_bench_step(bench)
     _add_bench_loader(bench)
+    _add_bench_scaling(bench)
 
     from aol_dist.study import command as study
 
@@ -225,6 +226,15 @@ def _add_bench_loader(bench: argparse._SubParsersAction) -> None:
     loader = bench.add_parser("loader", help="images/s per CPU core from shards through decode and collate")
     bench_loader.add_arguments(loader)
     loader.set_defaults(func=bench_loader.main)
+
+
+def _add_bench_scaling(bench: argparse._SubParsersAction) -> None:
+    from aol_dist.bench import scaling
+
+    parser = bench.add_parser("scaling", help="step and all-reduce time at 1 and 2 processes here; projected "
+                                              "efficiency at 8-64 GPUs")
+    scaling.add_arguments(parser)
+    parser.set_defaults(func=scaling.main)
 
 
 def _add_bench_step(bench: argparse._SubParsersAction) -> None:

@@ -148,13 +148,9 @@ def roc_curves(roc: dict[str, Any], auc: dict[str, Any] | None, path: Path, titl
     return _save(fig, path)
 
 
-def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
-    """Throughput and efficiency vs GPU count from the runs of a scaling study (``slurm/scaling_array.sbatch``).
-
-    Per run: the median of ``samples_per_s`` over its log records after the first (warm-up), and its
-    ``world_size``. Efficiency = throughput / (GPUs x throughput per GPU at the smallest count).
-    Writes ``scaling.csv`` and ``scaling.png`` into ``out_dir``.
-    """
+def scaling_points(run_dirs: list[Path]) -> list[tuple[int, float, str]]:
+    """(GPUs, samples/s, run name) per run of a scaling study, sorted by GPUs: the median of ``samples_per_s``
+    over its log records after the first (warm-up), and its ``world_size``."""
     points = []
     for run in run_dirs:
         log = [r for r in read_log(run) if "world_size" in r]
@@ -162,13 +158,30 @@ def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
             raise ValueError(f"{run}: no log records with world_size (log.jsonl missing or from an older version)")
         speeds = sorted(r["samples_per_s"] for r in (log[1:] or log))
         points.append((log[-1]["world_size"], speeds[len(speeds) // 2], Path(run).name))
-    points.sort()
+    return sorted(points)
+
+
+def scaling_rows(points: list[tuple[int, float, str]]) -> list[dict[str, Any]]:
+    """One row per point: efficiency = throughput / (GPUs x throughput per GPU at the smallest count)."""
+    base_gpus, base_speed, _ = points[0]
+    per_gpu = base_speed / base_gpus
+    return [{"gpus": g, "samples_per_s": v, "samples_per_s_per_gpu": v / g, "speedup": v / base_speed,
+             "efficiency": v / (g * per_gpu), "run": name} for g, v, name in points]
+
+
+def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
+    """Throughput and efficiency vs GPU count from the runs of a scaling study (``slurm/scaling_array.sbatch``),
+    per :func:`scaling_points` and :func:`scaling_rows` (``aol bench scaling --runs`` shows the same rows).
+    Writes ``scaling.csv`` and ``scaling.png`` into ``out_dir``.
+    """
+    points = scaling_points(run_dirs)
     base_gpus, base_speed, _ = points[0]
     per_gpu = base_speed / base_gpus
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = ["gpus,samples_per_s,samples_per_s_per_gpu,speedup,efficiency,run"]
-    rows += [f"{g},{v:.2f},{v / g:.2f},{v / base_speed:.3f},{v / (g * per_gpu):.3f},{name}" for g, v, name in points]
+    rows += [f"{r['gpus']},{r['samples_per_s']:.2f},{r['samples_per_s_per_gpu']:.2f},{r['speedup']:.3f},"
+             f"{r['efficiency']:.3f},{r['run']}" for r in scaling_rows(points)]
     csv_path = out_dir / "scaling.csv"
     csv_path.write_text("\n".join(rows) + "\n")
 
@@ -187,6 +200,36 @@ def scaling(run_dirs: list[Path], out_dir: Path) -> tuple[Path, Path]:
         ax.grid(alpha=0.3)
     a.legend(fontsize=9)
     return csv_path, _save(fig, out_dir / "scaling.png")
+
+
+def scaling_projection(result: dict[str, Any], path: Path) -> Path:
+    """Efficiency vs GPU count from ``aol bench scaling --json``: the projection per link, without (dashed) and
+    with DDP's overlap (solid), and the measured training runs of ``--runs`` (the same rows as
+    :func:`scaling`'s table), where given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8), constrained_layout=True)
+    links = result["projection"]["links"]
+    for name, rows in result["projected"].items():
+        gpus = sorted(int(g) for g in rows)
+        line, = ax.plot(gpus, [rows[str(g)]["overlap_efficiency"] for g in gpus], "o-", lw=2,
+                        label=links[name]["label"])
+        ax.plot(gpus, [rows[str(g)]["efficiency"] for g in gpus], "o--", lw=1.2, color=line.get_color())
+    runs = result.get("runs") or {}
+    if runs:
+        gpus = sorted(int(g) for g in runs)
+        ax.plot(gpus, [runs[str(g)]["efficiency"] for g in gpus], "ks-", lw=2, label="measured training runs")
+    pr = result["projection"]
+    ticks = sorted({int(g) for rows in result["projected"].values() for g in rows} | {int(g) for g in runs})
+    low = min(line.get_ydata().min() for line in ax.lines)
+    ax.set(title=f"weak scaling, projected: {pr['arch']}, batch {pr['batch_per_gpu']} per GPU, GPU step "
+                 f"{pr['gpu_step_s']} s (assumed)\nsolid: with DDP's overlap, dashed: without", xlabel="GPUs",
+           ylabel="efficiency (throughput / linear)", xscale="log", ylim=(max(0.0, low - 0.05), 1.02))
+    ax.set_xticks(ticks, [str(g) for g in ticks])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.axhline(1.0, color="grey", ls=":", lw=1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, Path(path))
 
 
 def main(argv: list[str] | None = None) -> int:
