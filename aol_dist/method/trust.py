@@ -23,6 +23,12 @@ Two annotator models:
   given the truth. No independence: u0 and u1 of one labeler differ only on uncertain mentions, and two
   labelers' errors are correlated, which makes a Dawid-Skene posterior count one mention four times.
 
+Labelling regimes (``regimes = R > 1``, the default 2): the annotator model is a mixture of R such models,
+P(Y | t, x) = sum_r pi_r(x) P(Y | t, regime r), with pi(x) from a small network of its own on the image
+(:class:`RegimeNet`): a label set can be right on one kind of image and wrong on another (which hospital,
+which scanner, a mark on the film), and the image says which kind it is (docs/quality.md, "Labelling
+regimes": on the instance benchmark the only setting that chose per image).
+
 Either takes an optional per-sample term s_mn(x) from a linear head on the normalised image features
 (``input = features``) or on the meta features Cat(F_1..F_M) of Eq. 1 (``input = meta``): P(y | t, x) is
 proportional to P(y | t) exp(sum_m s_mn [y_m = t]), with s centred over the sets: on this image, believe
