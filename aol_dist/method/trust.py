@@ -66,9 +66,10 @@ joint 0.69, against 0.76 for either set), and the truth AUROC fell below majorit
 
 MAX_REGIMES = 8
 REGIME_NOISE = 0.1
-REGIME_BALANCE = 1.0
 """Regimes start as the same annotator model plus this much noise on its log table: identical regimes would
 get identical gradients and never part."""
+REGIME_BALANCE = 1.0
+"""Default weight of :func:`regime_balance` (``method.regime_balance``)."""
 
 
 class RegimeNet(nn.Module):
