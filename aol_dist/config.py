@@ -145,7 +145,9 @@ class MethodConfig:
         _require(self.trust_input in ("auto", "features", "meta", "none"),
                  f"method.trust_input must be auto, features, meta or none, got {self.trust_input!r}")
         _require(self.trust_lr > 0, "method.trust_lr must be > 0")
-        _require(1 <= self.regimes <= 8, f"method.regimes must be 1 to 8, got {self.regimes}")
+        from aol_dist.method.trust import MAX_REGIMES
+
+        _require(1 <= self.regimes <= MAX_REGIMES, f"method.regimes must be 1 to {MAX_REGIMES}, got {self.regimes}")
         _require(self.regime_balance >= 0, f"method.regime_balance must be >= 0, got {self.regime_balance}")
         for key in ("meta_lr", "lr"):
             _require(getattr(self, key) > 0, f"method.{key} must be > 0, got {getattr(self, key)}")
@@ -348,11 +350,13 @@ WRITTEN_BEFORE = {("method", "regimes"): 1}
 def load_run_config(path: str | Path) -> Config:
     """A finished run's written config.toml (``aol eval``, ``aol audit``): a key added since the run was
     written takes the value the run trained with (:data:`WRITTEN_BEFORE`), not today's default."""
-    config = load_config(path)
-    values = tomllib.loads(Path(path).read_text())
+    try:
+        values = tomllib.loads(Path(path).read_text())
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        values = {}  # load_config names the fault
     missing = [f"{section}.{key}={value}" for (section, key), value in WRITTEN_BEFORE.items()
                if key not in values.get(section, {})]
-    return load_config(path, missing) if missing else config
+    return load_config(path, missing)
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

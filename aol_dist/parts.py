@@ -133,13 +133,11 @@ def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Par
 def _trust_groups(trust: LabelTrust, mc: Any) -> list[dict[str, Any]]:
     """The annotator model and the regime network's last layer at ``method.trust_lr``; the regime network's
     encoder (a network on the image, like the classifier) at the classifier's ``method.lr``."""
-    if trust.regime_net is None:
-        return [{"params": list(trust.parameters())}]
-    encoder = trust.regime_net.encoder
-    last = {id(p) for p in encoder.head.parameters()}
-    slow = [p for p in encoder.parameters() if id(p) not in last]
-    ids = {id(p) for p in slow}
-    return [{"params": [p for p in trust.parameters() if id(p) not in ids]}, {"params": slow, "lr": mc.lr}]
+    fast, slow = [], []
+    for name, p in trust.named_parameters():
+        on_image = name.startswith("regime_net.encoder.") and not name.startswith("regime_net.encoder.head.")
+        (slow if on_image else fast).append(p)
+    return [{"params": fast}] + ([{"params": slow, "lr": mc.lr}] if slow else [])
 
 
 def _make_step(parts: Parts, config: Config) -> Step:
