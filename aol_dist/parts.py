@@ -132,11 +132,10 @@ def build_parts(config: Config, manifest: dict[str, Any], world: D.World) -> Par
 
 def _trust_groups(trust: LabelTrust, mc: Any) -> list[dict[str, Any]]:
     """The annotator model and the regime network's last layer at ``method.trust_lr``; the regime network's
-    encoder (a network on the image, like the classifier) at the classifier's ``method.lr``."""
+    convolutions (a network on the image, like the classifier) at the classifier's ``method.lr``."""
     fast, slow = [], []
     for name, p in trust.named_parameters():
-        on_image = name.startswith("regime_net.encoder.") and not name.startswith("regime_net.encoder.head.")
-        (slow if on_image else fast).append(p)
+        (slow if name.startswith("regime_net.features.") else fast).append(p)
     return [{"params": fast}] + ([{"params": slow, "lr": mc.lr}] if slow else [])
 
 

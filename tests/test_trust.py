@@ -182,6 +182,22 @@ def test_monotone_penalty_forbids_an_inverted_label_set():
     assert monotone_penalty(LabelTrust(1, 2, 3, multiclass=True, input="none")).item() == 0.0  # AD stays learnable
 
 
+def test_monotone_penalty_with_regimes_holds_the_mixture_not_each_regime():
+    """A set may be worse than chance in one regime (the instance benchmark's wrong reader) if it is better
+    than chance over the regimes together; a set inverted on average is still penalised."""
+    from aol_dist.method.trust import MONOTONE_MARGIN, monotone_penalty
+
+    trust = LabelTrust(1, 2, 1, annotator="independent", input="none", regimes=2)
+    inverted, exact = torch.tensor([[0.6, 0.4], [0.8, 0.2]]).log(), torch.tensor([[0.99, 0.01], [0.01, 0.99]]).log()
+    with torch.no_grad():
+        trust.log_table[:] = exact
+        trust.log_table[0, 1, 0] = inverted  # set 1: worse than chance in regime 0, exact in regime 1
+    assert monotone_penalty(trust).item() == 0.0  # on average P(y=1 | t=1) 0.595 > P(y=1 | t=0) 0.205 + 0.1
+    with torch.no_grad():
+        trust.log_table[1, 1, 0] = inverted  # inverted in both: inverted overall
+    assert monotone_penalty(trust).item() == pytest.approx(10.0 * (0.4 - 0.2 + MONOTONE_MARGIN), rel=1e-5)
+
+
 
 def _instance_images(n, g, cue):
     """Noise images, 16 x 16, with a bright 4 x 4 corner mark on the cue images (the instance benchmark's cue)."""
@@ -211,7 +227,7 @@ def test_regimes_choose_the_right_set_per_image_from_the_image_itself():
         classifier = nn.Linear(x.shape[1], 2)
         fast = [trust.log_table, *classifier.parameters()]
         if regimes > 1:
-            fast += list(trust.regime_net.encoder.head.parameters())
+            fast += list(trust.regime_net.head.parameters())
         slow = [p for p in trust.parameters() if all(p is not f for f in fast)]
         opt = torch.optim.Adam([{"params": fast, "lr": 0.05}, {"params": slow, "lr": 2e-3}])
         order = torch.Generator().manual_seed(1)
