@@ -152,12 +152,30 @@ def load(checkpoint: Path, modules: dict[str, nn.Module], optimizers: dict[str, 
     if missing:
         raise ValueError(f"{checkpoint}: modules {sorted(state['modules'])} do not match this run's {sorted(modules)}")
     for name, module in modules.items():
-        module.load_state_dict(state["modules"][name])
+        load_weights(module, state["modules"][name], checkpoint / "state.pt", name)
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
     rank_file = checkpoint / f"rank-{world.rank:05d}.pt"
     mine = torch.load(rank_file, map_location=world.device, weights_only=True)
     return {k: v for k, v in state.items() if k not in ("modules", "optimizers")}, mine
+
+
+class WeightsMismatch(ValueError):
+    """Saved weights that do not fit the modules this configuration builds."""
+
+
+def load_weights(module: nn.Module, state: dict[str, Any], where: Path | str, name: str) -> None:
+    """``module.load_state_dict(state)``, or a ValueError naming the file and the parameters that do not fit
+    (a run written by another version of aol_dist, whose modules this one builds differently)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        mine, saved = set(module.state_dict()), set(state)
+        detail = "; ".join(f"{label}: {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for label, keys in (("not in the file", mine - saved), ("not in this version", saved - mine)) if keys)
+        raise WeightsMismatch(f"{where}: the saved {name} does not fit the one this configuration builds "
+                         f"({detail or str(error).splitlines()[-1].strip()}); was the run written by another version "
+                         f"of aol_dist?") from error
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

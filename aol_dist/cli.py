@@ -88,43 +88,27 @@ def _per_image_table(split: str, per_image: dict):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from aol_dist import dist
-    from aol_dist.config import load_run_config
-    from aol_dist.data.shards import label_shape, read_manifest, split_shards
+    from aol_dist.checkpoint import load_weights
+    from aol_dist.data.shards import label_shape, split_shards
     from aol_dist.data.stream import EvalStream, make_loader
     from aol_dist.evaluate import evaluate, write_results
-    from aol_dist.report import auc_table
-    from aol_dist.data.convert.tokenize import check_tokenizer
+    from aol_dist.finished_run import RunInputError, open_finished_run
     from aol_dist.parts import build_parts
+    from aol_dist.report import auc_table
 
     run = Path(args.run)
-    from aol_dist.checkpoint import unusable_run
-
-    problem = unusable_run(run)
-    if problem:
-        print(f"aol eval: {problem}", file=sys.stderr)
+    try:
+        found = open_finished_run(run, args.shards, args.split, all_label_sets=False)
+    except RunInputError as e:
+        print(f"aol eval: {e}", file=sys.stderr)
         return 2
-    config = load_run_config(run / "config.toml")
-    shard_dir = args.shards or config.data.shards
-    manifest = read_manifest(shard_dir)
-    trained_on = read_manifest(config.data.shards) if Path(config.data.shards, "manifest.json").is_file() else manifest
-    for key in ("image_size", "channels"):
-        if trained_on.get(key, 1) != manifest.get(key, 1):
-            print(f"aol eval: {shard_dir} holds images of {key} {manifest.get(key, 1)}, the run trained on "
-                  f"{trained_on.get(key, 1)} ({config.data.shards}): convert the split at the run's size", file=sys.stderr)
-            return 2
-    check_tokenizer(manifest, config.model.text_encoder, where=str(shard_dir))
+    config, checkpoint, shard_dir, manifest = found.config, found.checkpoint, found.shard_dir, found.manifest
+    names, index = found.label_sets, found.index
     world = dist.command_world()
-    checkpoint = torch.load(run / "model.pt", map_location=world.device, weights_only=True)
-    if list(manifest["findings"]) != checkpoint["findings"]:
-        raise SystemExit(f"{shard_dir}: findings differ from the checkpoint's")
-    names = [n for n in checkpoint["label_sets"] if n in manifest["label_sets"]]
-    index = [manifest["label_sets"].index(n) for n in names]
     # the run's own label sets rebuild the same modules; the split may hold any subset of them
     parts = build_parts(config, {**manifest, "label_sets": checkpoint["label_sets"]}, world)
-    parts.model.load_state_dict(checkpoint["model"])
+    load_weights(parts.model, checkpoint["model"], run / "model.pt", "model")
     for split in args.split:
         stream = EvalStream(split_shards(shard_dir, manifest, split), world.rank, world.world_size, args.batch_size, index,
                             label_shape(manifest))
@@ -246,12 +230,13 @@ def _add_bench_step(bench: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aol_dist.checkpoint import WeightsMismatch
     from aol_dist.writes import WriteError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except WriteError as e:  # a full disk, a permission: where and why, in one line
+    except (WriteError, WeightsMismatch) as e:  # a full disk, a permission, a run of another version: one line
         print(f"aol {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -231,6 +231,9 @@ def test_bad_inputs_are_named_before_any_work(trained, tmp_path):
     manifest_path.write_text(json.dumps({**other, "label_sets": ["s0", "chexpert"]}))
     with pytest.raises(AuditError, match=r"label sets \['s1'\] of the run are not in the shards"):
         check_inputs(run, "test", str(tmp_path / "other"), 2)
+    manifest_path.write_text(json.dumps({**other, "image_size": 16}))  # the run trained on 8 x 8 images
+    with pytest.raises(AuditError, match="holds images of image_size 16, the run trained on 8"):
+        check_inputs(run, "test", str(tmp_path / "other"), 2)
 
 
 def test_the_cli_prints_the_top_suspects_and_documents_its_files(trained, tmp_path, capsys):
@@ -254,7 +257,7 @@ def test_the_cli_prints_the_top_suspects_and_documents_its_files(trained, tmp_pa
 
 
 def test_a_relative_shard_path_is_found_from_the_directory_the_run_was_trained_in(tmp_path, monkeypatch):
-    from aol_dist.audit.command import run_relative
+    from aol_dist.finished_run import run_relative
 
     (tmp_path / "project" / "shards" / "demo").mkdir(parents=True)
     run = tmp_path / "project" / "runs" / "r"

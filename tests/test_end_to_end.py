@@ -43,7 +43,7 @@ def test_synth_shards_verify_and_inspect(synth_dir):
     assert "reused 12 finished shards" in again.stdout
 
 
-def test_accelerate_launch_two_processes_then_eval(synth_dir, tmp_path):
+def test_accelerate_launch_two_processes_then_eval(synth_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     proc = run([BIN / "accelerate", "launch", "--config_file", "launch_configs/cpu_2proc.yaml",
                 "--main_process_port", str(free_port()), "-m", "aol_dist.train", "--config", "configs/demo.toml",
@@ -66,6 +66,18 @@ def test_accelerate_launch_two_processes_then_eval(synth_dir, tmp_path):
     for target, values in result["auc"].items():  # same weights, same split: the same AUCs
         torch.testing.assert_close(torch.tensor(again["auc"][target]), torch.tensor(values), equal_nan=True)
     assert "Mean" in ev.stdout
+
+    # a run whose saved weights this version builds differently (here: one renamed parameter): one line that
+    # names the file, not a state-dict traceback
+    from aol_dist.cli import main as aol_main
+
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    saved["model"]["old_name.weight"] = saved["model"].pop("head.weight")
+    torch.save(saved, run_dir / "model.pt")
+    assert aol_main(["eval", str(run_dir), "--split", "test", "--out", str(tmp_path / "ev2")]) == 1
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'model.pt'}: the saved model does not fit" in err
+    assert "not in the file: head.weight" in err and "not in this version: old_name.weight" in err
 
 
 def test_bad_override_is_a_clear_error_before_launch():

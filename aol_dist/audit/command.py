@@ -8,17 +8,18 @@ checked before any work.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gzip
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from aol_dist.finished_run import FinishedRun
 
 OUTPUTS = """\
 files written to --out (default: RUN/audit):
@@ -50,47 +51,20 @@ class AuditError(ValueError):
     """Bad input to the audit: named before any work."""
 
 
-@dataclass
-class Inputs:
-    config: Any
-    manifest: dict[str, Any]
-    shard_dir: Path
-    checkpoint: dict[str, Any]
-    label_sets: list[str]
-    index: list[int]
-    """Positions of the run's label sets in the audited shards."""
-
-
-def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> Inputs:
-    """Every bad input as an :class:`AuditError` naming the file or the value."""
-    from aol_dist.checkpoint import unusable_run
-    from aol_dist.config import ConfigError, load_run_config
+def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> FinishedRun:
+    """Every bad input as an :class:`AuditError` naming the file or the value (the run against the shards:
+    :func:`aol_dist.finished_run.open_finished_run`, as ``aol eval``; then the training shards that
+    Monte-Carlo batch norm draws from)."""
     from aol_dist.data.shards import ShardError, read_manifest
+    from aol_dist.finished_run import RunInputError, open_finished_run
 
     if mc_samples < 1:
         raise AuditError(f"--mc-samples must be >= 1 (the Monte-Carlo batch-norm passes T), got {mc_samples}")
-    problem = unusable_run(run)
-    if problem:
-        raise AuditError(problem)
     try:
-        config = load_run_config(run / "config.toml")
-    except ConfigError as e:
-        raise AuditError(f"{run / 'config.toml'}: {e}") from None
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, shards=str(run_relative(config.data.shards, run))))
-    shard_dir = Path(shards or config.data.shards)
-    try:
-        manifest = read_manifest(shard_dir)
-    except (OSError, ValueError, ShardError) as e:
-        raise AuditError(f"{shard_dir}: cannot read the shards' manifest ({e}); give --shards DIR") from None
-    if split not in manifest["splits"]:
-        raise AuditError(f"{shard_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
-    checkpoint = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-    if list(manifest["findings"]) != list(checkpoint["findings"]):
-        raise AuditError(f"{shard_dir}: findings {manifest['findings']} differ from the run's {checkpoint['findings']}")
-    missing = [n for n in checkpoint["label_sets"] if n not in manifest["label_sets"]]
-    if missing:
-        raise AuditError(f"{shard_dir}: label sets {missing} of the run are not in the shards' "
-                         f"{manifest['label_sets']}; the audit needs every label set the run trained on")
+        found = open_finished_run(run, shards, [split], all_label_sets=True)
+    except RunInputError as e:
+        raise AuditError(str(e)) from None
+    config = found.config
     train_dir = Path(config.data.shards)
     try:
         train_manifest = read_manifest(train_dir)
@@ -100,18 +74,7 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
                          f"in") from None
     if config.data.train_split not in train_manifest["splits"]:
         raise AuditError(f"{train_dir}: no training split {config.data.train_split!r} for Monte-Carlo batch norm")
-    index = [manifest["label_sets"].index(n) for n in checkpoint["label_sets"]]
-    return Inputs(config, manifest, shard_dir, checkpoint, list(checkpoint["label_sets"]), index)
-
-
-def run_relative(path: str, run: Path) -> Path:
-    """A relative shard path of a run's config: as given where it exists from here, else from the directory
-    that holds the run's out_dir (``runs/<name>`` -> ``.``), where training resolved it."""
-    given = Path(path)
-    if given.is_absolute() or given.exists():
-        return given
-    beside = run.resolve().parent.parent / given
-    return beside if beside.exists() else given
+    return found
 
 
 def mc_batches(config: Any, samples: int, seed: int, device: torch.device) -> list[dict[str, Any]]:
@@ -313,6 +276,7 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     """The audit of ``run`` on ``split``; rank 0 returns the summary, other ranks None."""
     from aol_dist import dist
     from aol_dist.audit.consensus import consensus_source
+    from aol_dist.checkpoint import load_weights
     from aol_dist.audit.mc_batchnorm import MCBatchNorm
     from aol_dist.data.shards import label_shape, split_shards
     from aol_dist.data.stream import EvalStream
@@ -323,9 +287,9 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     world = world or dist.command_world()
     config = inputs.config
     parts = build_parts(config, {**inputs.manifest, "label_sets": inputs.label_sets}, world)
-    parts.model.load_state_dict(inputs.checkpoint["model"])
+    load_weights(parts.model, inputs.checkpoint["model"], run / "model.pt", "model")
     if "attention" in inputs.checkpoint:
-        parts.attention.load_state_dict(inputs.checkpoint["attention"])
+        load_weights(parts.attention, inputs.checkpoint["attention"], run / "model.pt", "attention")
     parts.model.eval()
     parts.attention.eval()  # the regime network's batch norm: its running statistics, as the model's
     mc = MCBatchNorm(parts.model, mc_batches(config, mc_samples, seed, world.device),
