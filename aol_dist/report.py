@@ -31,11 +31,11 @@ def attention_table(record: dict[str, Any]):
     right = sum(r["right"] for r in rows)
     detail = Table(title=f"trusted vs most accurate label set per finding (training split's truth): "
                          f"right on {right} of {len(rows)} findings where the sets differ")
-    for column in ("finding", "trusted most", "weight", "most accurate", "accuracy", ""):
+    for column in ("finding", "trusted most", "weight", "its accuracy", "most accurate", "accuracy", ""):
         detail.add_column(column, justify="left" if column in ("finding", "trusted most", "most accurate") else "right")
     for r in rows:
-        detail.add_row(r["finding"], r["trusted"], f"{r['weight']:.3f}", r["best"], f"{r['accuracy']:.3f}",
-                       "yes" if r["right"] else "[red]no[/]")
+        detail.add_row(r["finding"], r["trusted"], f"{r['weight']:.3f}", f"{r['trusted_accuracy']:.3f}", r["best"],
+                       f"{r['accuracy']:.3f}", "yes" if r["right"] else "[red]no[/]")
     return Group(table, detail)
 
 
@@ -49,7 +49,7 @@ def trust_vs_truth(record: dict[str, Any]) -> list[dict[str, Any]]:
             continue  # a tie (e.g. No Finding): nothing to choose
         trusted, best = max(weights, key=weights.get), max(acc, key=acc.get)
         rows.append({"finding": finding, "trusted": trusted, "weight": weights[trusted], "best": best,
-                     "accuracy": acc[best], "right": acc[trusted] >= acc[best] - 1e-3})
+                     "trusted_accuracy": acc[trusted], "accuracy": acc[best], "right": acc[trusted] >= acc[best] - 1e-3})
     return rows
 
 

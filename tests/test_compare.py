@@ -36,3 +36,21 @@ def test_compare_names_the_run_that_lacks_results(tmp_path):
     b = fake_run(tmp_path / "other", [0.9, 0.7], findings=("A", "C"))
     with pytest.raises(ValueError, match="findings differ"):
         compare_runs([a, b], "test")
+
+
+def test_trust_vs_truth_names_the_trusted_set_its_accuracy_and_skips_ties():
+    from rich.console import Console
+
+    from aol_dist.report import attention_table, trust_vs_truth
+
+    record = {"mean": {"a": 0.6, "b": 0.4},
+              "per_finding": {"F1": {"a": 0.7, "b": 0.3}, "F2": {"a": 0.6, "b": 0.4}, "tie": {"a": 0.9, "b": 0.1}},
+              "accuracy_vs_truth": {"F1": {"a": 0.95, "b": 0.90}, "F2": {"a": 0.80, "b": 0.85},
+                                    "tie": {"a": 0.9, "b": 0.9}}}
+    rows = trust_vs_truth(record)
+    assert [(r["finding"], r["trusted"], r["trusted_accuracy"], r["best"], r["right"]) for r in rows] == [
+        ("F1", "a", 0.95, "a", True), ("F2", "a", 0.80, "b", False)]
+    console = Console(record=True, width=120)
+    console.print(attention_table(record))
+    text = " ".join(console.export_text().split())  # titles wrap at the table's width
+    assert "right on 1 of 2 findings" in text and "its accuracy" in text and "0.800" in text
