@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_loader(bench: argparse._SubParsersAction) -> None:
-    from aol_dist import bench_loader
+    from aol_dist.bench import loader as bench_loader
 
     loader = bench.add_parser("loader", help="images/s per CPU core from shards through decode and collate")
     bench_loader.add_arguments(loader)
@@ -222,7 +222,7 @@ def _add_bench_scaling(bench: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_step(bench: argparse._SubParsersAction) -> None:
-    from aol_dist import bench_step
+    from aol_dist.bench import step as bench_step
 
     step = bench.add_parser("step", help="seconds per step of plain, reference, fast, fast_autograd, partial; ratios to plain")
     bench_step.add_arguments(step)
