@@ -224,3 +224,32 @@ def barrier(world: World) -> None:
 def shutdown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a rendezvous on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo_child(rank: int, world_size: int, port: int, timeout_s: float, fn: Callable[..., Any], args: tuple) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes on the CPU, one thread each
+    (``fn`` and ``args`` picklable); raises if one fails. For the tests and ``aol bench scaling``."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gloo_child, args=(world_size, free_port(), timeout_s, fn, args), nprocs=world_size, join=True,
+                       start_method="spawn")

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from aol_dist.data import shards
+from aol_dist.dist import free_port, run_gloo  # noqa: F401 (the tests import them from here)
 
 FINDINGS = ("A", "B", "C")
 LABEL_SETS = ("s0", "s1")
@@ -34,39 +35,6 @@ def write_fake_shards(out: Path, shard_sizes: dict[str, list[int]], workers: int
         records[split], _ = shards.write_split(out, jobs, functools.partial(fake_sample, tokens=tokens), workers)
     return shards.write_manifest(out, dataset="fake", findings=FINDINGS, label_sets=LABEL_SETS, splits=records,
                                  image_size=8, has_truth={s: True for s in records}, tokenizer=tokenizer)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawned(rank: int, world_size: int, port: int, fn, args) -> None:
-    import datetime
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_gloo(fn, world_size: int, *args) -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes on the CPU; raises if one fails."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_spawned, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True,
-                       start_method="spawn")
 
 
 def outer_step_tools(world, model, attention, compression: str = "none"):

@@ -143,38 +143,13 @@ def measure_rank(rank: int, world_size: int, opts: dict[str, Any], out: str) -> 
                                          "stats_bytes": sum(b.numel() * b.element_size() for b in buffers), **extra}))
 
 
-def _spawned(rank: int, world_size: int, port: int, opts: dict[str, Any], out: str) -> None:
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=300))
-    try:
-        measure_rank(rank, world_size, opts, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(world_size: int, opts: dict[str, Any]) -> dict[str, Any]:
     """Spawn ``world_size`` gloo processes and summarise their rounds (module docstring)."""
-    import torch.multiprocessing as mp
+    from aol_dist.dist import run_gloo
 
     with tempfile.TemporaryDirectory(prefix="aol-bench-scaling-") as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.start_processes(_spawned, args=(world_size, _free_port(), opts, out), nprocs=world_size, join=True,
-                           start_method="spawn")
+        run_gloo(measure_rank, world_size, opts, out, timeout_s=300)
         raw = json.loads(Path(out).read_text())
     t = raw["times"]
     median = {k: statistics.median(v) for k, v in t.items()}
