@@ -165,8 +165,8 @@ class WeightsMismatch(ValueError):
 
 
 def load_weights(module: nn.Module, state: dict[str, Any], where: Path | str, name: str) -> None:
-    """``module.load_state_dict(state)``, or a ValueError naming the file and the parameters that do not fit
-    (a run written by another version of aol_dist, whose modules this one builds differently)."""
+    """``module.load_state_dict(state)``, or a :class:`WeightsMismatch` naming the file and the parameters that
+    do not fit (a run written by another version of aol_dist, whose modules this one builds differently)."""
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
@@ -174,8 +174,8 @@ def load_weights(module: nn.Module, state: dict[str, Any], where: Path | str, na
         detail = "; ".join(f"{label}: {', '.join(sorted(keys)[:3])}{' ...' if len(keys) > 3 else ''}"
                            for label, keys in (("not in the file", mine - saved), ("not in this version", saved - mine)) if keys)
         raise WeightsMismatch(f"{where}: the saved {name} does not fit the one this configuration builds "
-                         f"({detail or str(error).splitlines()[-1].strip()}); was the run written by another version "
-                         f"of aol_dist?") from error
+                              f"({detail or str(error).splitlines()[-1].strip()}); was the run written by another "
+                              f"version of aol_dist?") from error
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

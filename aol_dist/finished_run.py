@@ -29,6 +29,8 @@ class FinishedRun:
     """The run's label sets that the shards hold (every one of them where ``all_label_sets``)."""
     index: list[int]
     """Their columns in the shards' labels."""
+    train_manifest: dict[str, Any] | None
+    """The manifest of the shards the run trained on (``config.data.shards``); None where it cannot be read."""
 
 
 def open_finished_run(run: Path, shards: str | None, splits: list[str], all_label_sets: bool) -> FinishedRun:
@@ -57,9 +59,10 @@ def open_finished_run(run: Path, shards: str | None, splits: list[str], all_labe
         if split not in manifest["splits"]:
             raise RunInputError(f"{shard_dir}: no split {split!r}; it has {', '.join(manifest['splits'])}")
     try:
-        trained_on = read_manifest(config.data.shards)
+        train_manifest = read_manifest(config.data.shards)
     except (OSError, ValueError, ShardError):
-        trained_on = manifest  # the training shards moved away: nothing to compare with
+        train_manifest = None
+    trained_on = train_manifest or manifest  # the training shards moved away: nothing to compare with
     for key in ("image_size", "channels"):
         if trained_on.get(key, 1) != manifest.get(key, 1):
             raise RunInputError(f"{shard_dir} holds images of {key} {manifest.get(key, 1)}, the run trained on "
@@ -71,12 +74,13 @@ def open_finished_run(run: Path, shards: str | None, splits: list[str], all_labe
     checkpoint = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     if list(manifest["findings"]) != list(checkpoint["findings"]):
         raise RunInputError(f"{shard_dir}: findings {manifest['findings']} differ from the run's {checkpoint['findings']}")
-    missing = [n for n in checkpoint["label_sets"] if n not in manifest["label_sets"]]
-    if missing and all_label_sets:
+    names = [n for n in checkpoint["label_sets"] if n in manifest["label_sets"]]
+    if all_label_sets and len(names) < len(checkpoint["label_sets"]):
+        missing = [n for n in checkpoint["label_sets"] if n not in names]
         raise RunInputError(f"{shard_dir}: label sets {missing} of the run are not in the shards' "
                             f"{manifest['label_sets']}; the audit needs every label set the run trained on")
-    names = [n for n in checkpoint["label_sets"] if n in manifest["label_sets"]]
-    return FinishedRun(config, checkpoint, shard_dir, manifest, names, [manifest["label_sets"].index(n) for n in names])
+    return FinishedRun(config, checkpoint, shard_dir, manifest, names, [manifest["label_sets"].index(n) for n in names],
+                       train_manifest)
 
 
 def run_relative(path: str, run: Path) -> Path:

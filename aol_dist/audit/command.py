@@ -55,7 +55,6 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
     """Every bad input as an :class:`AuditError` naming the file or the value (the run against the shards:
     :func:`aol_dist.finished_run.open_finished_run`, as ``aol eval``; then the training shards that
     Monte-Carlo batch norm draws from)."""
-    from aol_dist.data.shards import ShardError, read_manifest
     from aol_dist.finished_run import RunInputError, open_finished_run
 
     if mc_samples < 1:
@@ -64,16 +63,18 @@ def check_inputs(run: Path, split: str, shards: str | None, mc_samples: int) -> 
         found = open_finished_run(run, shards, [split], all_label_sets=True)
     except RunInputError as e:
         raise AuditError(str(e)) from None
-    config = found.config
-    train_dir = Path(config.data.shards)
-    try:
-        train_manifest = read_manifest(train_dir)
-    except (OSError, ValueError, ShardError) as e:
-        raise AuditError(f"{train_dir}: the run's training shards (Monte-Carlo batch norm draws its batches from "
-                         f"them) cannot be read ({e}); run the audit from the directory the run was trained "
-                         f"in") from None
+    config, train_manifest = found.config, found.train_manifest
+    if train_manifest is None:  # read again only to name why it cannot be read
+        from aol_dist.data.shards import ShardError, read_manifest
+
+        try:
+            train_manifest = read_manifest(config.data.shards)
+        except (OSError, ValueError, ShardError) as e:
+            raise AuditError(f"{config.data.shards}: the run's training shards (Monte-Carlo batch norm draws its "
+                             f"batches from them) cannot be read ({e}); run the audit from the directory the run "
+                             f"was trained in") from None
     if config.data.train_split not in train_manifest["splits"]:
-        raise AuditError(f"{train_dir}: no training split {config.data.train_split!r} for Monte-Carlo batch norm")
+        raise AuditError(f"{config.data.shards}: no training split {config.data.train_split!r} for Monte-Carlo batch norm")
     return found
 
 
@@ -276,8 +277,8 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     """The audit of ``run`` on ``split``; rank 0 returns the summary, other ranks None."""
     from aol_dist import dist
     from aol_dist.audit.consensus import consensus_source
-    from aol_dist.checkpoint import load_weights
     from aol_dist.audit.mc_batchnorm import MCBatchNorm
+    from aol_dist.checkpoint import load_weights
     from aol_dist.data.shards import label_shape, split_shards
     from aol_dist.data.stream import EvalStream
     from aol_dist.parts import build_parts
