@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from aol_dist import dist as D
-from aol_dist.config import Config, git_revision, to_toml
+from aol_dist.config import WRITTEN_BEFORE, Config, git_revision, to_toml
 from aol_dist.data.shards import atomic_write_text
 from aol_dist.writes import writing
 
@@ -179,7 +179,10 @@ def load_weights(module: nn.Module, state: dict[str, Any], where: Path | str, na
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
+    """Keys whose values differ, outside RESUMABLE_CHANGES; a key the saved config predates counts as the value
+    the run trained with (config.WRITTEN_BEFORE)."""
+    a = {**{f"{section}.{key}": v for (section, key), v in WRITTEN_BEFORE.items()}, **_flatten(saved)}
+    b = _flatten(current)
     return sorted(k for k in set(a) | set(b) if k not in RESUMABLE_CHANGES and _norm(a.get(k)) != _norm(b.get(k)))
 
 

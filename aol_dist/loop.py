@@ -28,6 +28,10 @@ from aol_dist.report import attention_table, auc_table, make_console
 from aol_dist.zero import maybe_deepspeed
 
 ROC_THRESHOLDS = 200
+TRUST_FROM = 0.5
+"""attention.json reports the weights (and estimated accuracies) averaged over the steps after this fraction of
+``train.steps``: the trust the run settled on, not the start it moved away from (docs/quality.md, "Whom the
+trust picks")."""
 
 
 class Log:
@@ -77,6 +81,10 @@ class LoopState:
     def __init__(self, num_sets: int, num_findings: int, device: torch.device) -> None:
         self.step, self.skipped = 0, 0
         self.weight_sum = torch.zeros(num_sets, num_findings, dtype=torch.float64, device=device)
+        """Per label set and finding, the weights summed over the steps of the reported stretch (TRUST_FROM)."""
+        self.right_sum = torch.zeros_like(self.weight_sum)
+        """The same for P(t = y_m | x, Y) (likelihood-trained trust): each set's estimated accuracy."""
+        self.reported_steps = 0
         self.truth_hits = torch.zeros(num_sets + 1, num_findings, dtype=torch.float64, device=device)
         """Per label set and finding, training entries that match the truth (where the split has it); last row: count."""
         self.diag_width = len(diagnostics.SCALARS) + num_sets
@@ -88,9 +96,10 @@ class LoopState:
                        "diag": zeros, "diag_n": zeros.clone()}
 
     def add(self, out: dict[str, torch.Tensor], applied: bool, diag: torch.Tensor | None = None,
-            labels: torch.Tensor | None = None, truth: torch.Tensor | None = None) -> None:
+            labels: torch.Tensor | None = None, truth: torch.Tensor | None = None, reported: bool = False) -> None:
         """Count one step: its loss, attention weights and diagnostics, and (multi-label data with truth) the
-        label sets' entries that match the truth; or a skip (nan_policy = skip)."""
+        label sets' entries that match the truth; or a skip (nan_policy = skip). ``reported``: the step is in
+        the stretch whose weights (and, with ``out["right"]``, estimated accuracies) attention.json reports."""
         if not applied:
             self.skipped += 1
             self.window["skipped"] += 1
@@ -98,7 +107,13 @@ class LoopState:
         self.window["loss"] += float(out["loss"])
         self.window["n"] += 1
         if "weights" in out:
-            self.window["weights"] += out["weights"].double().mean(0).expand_as(self.weight_sum)  # (M, 1|N)
+            weights = out["weights"].double().mean(0).expand_as(self.weight_sum)  # (M, 1|N)
+            self.window["weights"] += weights
+            if reported:
+                self.weight_sum += weights
+                self.reported_steps += 1
+                if "right" in out:
+                    self.right_sum += out["right"].double().mean(0).expand_as(self.right_sum)
         if truth is not None:  # how accurate each label set really is, for the trust table
             self.truth_hits[:-1] += (labels == truth.unsqueeze(1)).double().sum(0)
             self.truth_hits[-1] += truth.shape[0]
@@ -109,11 +124,14 @@ class LoopState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": self.skipped, "weight_sum": self.weight_sum, "window": dict(self.window),
-                "truth_hits": self.truth_hits}
+                "truth_hits": self.truth_hits, "right_sum": self.right_sum, "reported_steps": self.reported_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.skipped, self.weight_sum = state["step"], state["skipped"], state["weight_sum"]
+        self.step, self.skipped = state["step"], state["skipped"]
         self.truth_hits = state.get("truth_hits", self.truth_hits)
+        if "reported_steps" in state:  # older checkpoints summed the weights over every step: not carried on
+            self.weight_sum, self.right_sum = state["weight_sum"], state["right_sum"]
+            self.reported_steps = state["reported_steps"]
         self.window = dict(state["window"])
 
 
@@ -180,6 +198,7 @@ def train(config: Config, world: D.World) -> Path:
                       + (f", resumed at step {state.step}" if state.step else ""))
     progress = _progress(console, tc.steps, state.step)
     t_window, speed = time.perf_counter(), 0.0
+    reported_after = int(TRUST_FROM * tc.steps)
     while state.step < tc.steps:
         epoch, start = divmod(state.step, stream.steps_per_epoch)  # the reader cursor
         stream.set_epoch(epoch, start)
@@ -198,10 +217,9 @@ def train(config: Config, world: D.World) -> Path:
             truth = batch.get("truth")
             state.add(out, guard.after(out, raw["key"]),
                       diagnostics.step_diagnostics(out, batch["labels"], truth, multiclass),
-                      batch["labels"], None if multiclass else truth)
+                      batch["labels"], None if multiclass else truth, reported=state.step > reported_after)
             step = state.step
             if step % tc.log_every == 0 or step == tc.steps:
-                state.weight_sum += state.window["weights"]
                 speed = _log_window(log, state, epoch, parts, config, world, time.perf_counter() - t_window)
                 state.new_window()
                 t_window = time.perf_counter()
@@ -228,12 +246,13 @@ def _finish(config: Config, parts: Parts, manifest: dict[str, Any], world: D.Wor
     """Final evaluation, attention summary, model, plots; then the run directory gets its final name."""
     work = run.work
     run_evaluation(parts, config, manifest, world, work, state.step, console)
-    D.all_reduce_sum(state.weight_sum, world)
-    D.all_reduce_sum(state.truth_hits, world)
+    for total in (state.weight_sum, state.right_sum, state.truth_hits):
+        D.all_reduce_sum(total, world)
     if world.is_main:
-        applied = max(1, state.step - state.skipped)
-        attention = _write_attention(work, parts, state.weight_sum / (world.world_size * applied), config,
-                                     state.truth_hits)
+        reported = max(1, state.reported_steps) * world.world_size
+        attention = _write_attention(work, parts, state.weight_sum / reported, config, state.truth_hits,
+                                     state.right_sum / reported if state.right_sum.any() else None,
+                                     (int(TRUST_FROM * config.train.steps) + 1, state.step))
         if attention:
             console.print(attention_table(attention))
         if state.skipped:
@@ -306,17 +325,24 @@ def _log_window(log: Log, state: LoopState, epoch: int, parts: Parts, config: Co
 
 
 def _write_attention(run_dir: Path, parts: Parts, mean_weights: torch.Tensor, config: Config,
-                     truth_hits: torch.Tensor) -> dict[str, Any] | None:
-    """Mean learned attention weight per label set (and per finding) over training: who to believe."""
+                     truth_hits: torch.Tensor, estimated_accuracy: torch.Tensor | None,
+                     steps: tuple[int, int]) -> dict[str, Any] | None:
+    """Who to believe: the mean learned weight per label set (and per finding) over ``steps`` (the second
+    half of training); with the likelihood-trained trust, each set's estimated accuracy per finding too."""
     if config.method.name != "aol":
         return None
     w = mean_weights.cpu()
-    record = {"label_sets": parts.label_sets, "trust": config.method.trust,
-              "mean": dict(zip(parts.label_sets, w.mean(1).tolist())),
-              "per_finding": {f: dict(zip(parts.label_sets, w[:, j].tolist())) for j, f in enumerate(parts.findings)}}
+
+    def per_finding(values: torch.Tensor) -> dict[str, dict[str, float]]:
+        return {f: dict(zip(parts.label_sets, values[:, j].tolist())) for j, f in enumerate(parts.findings)}
+
+    record = {"label_sets": parts.label_sets, "trust": config.method.trust, "steps": list(steps),
+              "mean": dict(zip(parts.label_sets, w.mean(1).tolist())), "per_finding": per_finding(w)}
+    if estimated_accuracy is not None:  # E[P(t = y_m | x, Y)] over the same steps (trust.set_right)
+        record["estimated_accuracy"] = per_finding(estimated_accuracy.cpu().expand_as(w))
     if truth_hits[-1].min() > 0:  # the training split has truth: how accurate each set was on what we trained on
         acc = (truth_hits[:-1] / truth_hits[-1]).cpu()
-        record["accuracy_vs_truth"] = {f: dict(zip(parts.label_sets, acc[:, j].tolist())) for j, f in enumerate(parts.findings)}
+        record["accuracy_vs_truth"] = per_finding(acc)
     atomic_write_text(run_dir / "attention.json", json.dumps(record, indent=1))
     return record
 

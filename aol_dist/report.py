@@ -14,41 +14,58 @@ def make_console():
 
 
 def attention_table(record: dict[str, Any]):
-    """The learned trust: mean weight per label set over training, and per finding the set trusted most beside
-    the set that was most accurate against the truth (where the training split has truth)."""
+    """The learned trust: per label set its mean weight (and estimated accuracy) over the reported steps, and
+    per finding the set trusted most beside the set that was most accurate against the truth (where the
+    training split has truth). "Trusted most" ranks by the estimated accuracy where the run has one (the
+    likelihood-trained trust), else by the weight (the paper's attention)."""
     from rich.console import Group
     from rich.table import Table
 
-    table = Table(title="learned trust: mean weight per label set over training")
-    table.add_column("label set")
-    table.add_column("mean weight", justify="right")
-    for name, w in sorted(record["mean"].items(), key=lambda kv: -kv[1]):
-        table.add_row(name, f"{w:.3f}")
-    accuracy = record.get("accuracy_vs_truth")
+    steps = record.get("steps")
+    over = f"steps {steps[0]}-{steps[1]}" if steps else "training"
+    accuracy, estimate = record.get("accuracy_vs_truth"), record.get("estimated_accuracy")
+    table = Table(title=f"learned trust per label set ({over})")
+    columns = ["label set", "mean weight"] + ["estimated accuracy"] * bool(estimate) + ["accuracy"] * bool(accuracy)
+    for column in columns:
+        table.add_column(column, justify="left" if column == "label set" else "right")
+    overall = {name: {"weight": w} for name, w in record["mean"].items()}
+    for key, source in (("estimate", estimate), ("accuracy", accuracy)):
+        for name in overall if source else ():
+            overall[name][key] = sum(per[name] for per in source.values()) / len(source)
+    rank = "estimate" if estimate else "weight"
+    for name, v in sorted(overall.items(), key=lambda kv: -kv[1][rank]):
+        table.add_row(name, *(f"{v[k]:.3f}" for k in ("weight", "estimate", "accuracy") if k in v))
     if not accuracy:
         return table
+    trusted, best = (max(overall, key=lambda n: overall[n][k]) for k in (rank, "accuracy"))
+    verdict = (f"trusted most overall: {trusted}, " + ("the most accurate on average" if trusted == best else
+               f"accuracy {overall[trusted]['accuracy']:.3f}; the most accurate on average: {best} "
+               f"({overall[best]['accuracy']:.3f})"))
     rows = trust_vs_truth(record)
     right = sum(r["right"] for r in rows)
-    detail = Table(title=f"trusted vs most accurate label set per finding (training split's truth): "
+    detail = Table(title=f"{verdict}. Per finding, trusted vs most accurate label set (training split's truth): "
                          f"right on {right} of {len(rows)} findings where the sets differ")
-    for column in ("finding", "trusted most", "weight", "its accuracy", "most accurate", "accuracy", ""):
+    for column in ("finding", "trusted most", "estimated accuracy" if estimate else "weight", "its accuracy",
+                   "most accurate", "accuracy", ""):
         detail.add_column(column, justify="left" if column in ("finding", "trusted most", "most accurate") else "right")
     for r in rows:
-        detail.add_row(r["finding"], r["trusted"], f"{r['weight']:.3f}", f"{r['trusted_accuracy']:.3f}", r["best"],
+        detail.add_row(r["finding"], r["trusted"], f"{r['trust']:.3f}", f"{r['trusted_accuracy']:.3f}", r["best"],
                        f"{r['accuracy']:.3f}", "yes" if r["right"] else "[red]no[/]")
     return Group(table, detail)
 
 
 def trust_vs_truth(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per finding where the label sets' accuracies differ: the most trusted set, the most accurate one, and
-    whether the trusted set is (within 0.001) as accurate as the best."""
+    """Per finding where the label sets' accuracies differ: the most trusted set (by estimated accuracy where
+    the record has one, else by weight), the most accurate one, and whether the trusted set is (within 0.001)
+    as accurate as the best."""
+    trust = record.get("estimated_accuracy") or record["per_finding"]
     rows = []
-    for finding, weights in record["per_finding"].items():
-        acc = record["accuracy_vs_truth"][finding]
+    for finding, acc in record["accuracy_vs_truth"].items():
         if max(acc.values()) - min(acc.values()) < 1e-3:
             continue  # a tie (e.g. No Finding): nothing to choose
-        trusted, best = max(weights, key=weights.get), max(acc, key=acc.get)
-        rows.append({"finding": finding, "trusted": trusted, "weight": weights[trusted], "best": best,
+        by = trust[finding]
+        trusted, best = max(by, key=by.get), max(acc, key=acc.get)
+        rows.append({"finding": finding, "trusted": trusted, "trust": by[trusted], "best": best,
                      "trusted_accuracy": acc[trusted], "accuracy": acc[best], "right": acc[trusted] >= acc[best] - 1e-3})
     return rows
 

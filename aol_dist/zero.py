@@ -32,7 +32,7 @@ from torch import nn
 from aol_dist import dist as D
 from aol_dist.config import Config
 from aol_dist.method.aol import AolHyper, aol_loss
-from aol_dist.method.trust import TrustHyper, trust_loss
+from aol_dist.method.trust import TrustHyper, set_right, trust_loss
 
 
 class JointOptimizer(torch.optim.Optimizer):
@@ -83,11 +83,12 @@ class Objective(nn.Module):
         self.model, self.attention, self.hp = model, attention, hp
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None = None):
+        """(loss, weights, right): ``right`` P(t = y_m | x, Y) for the likelihood-trained trust, else None."""
         if isinstance(self.hp, TrustHyper):  # method.trust = posterior
-            loss, _, weights = trust_loss(self.model, self.attention, x, labels, self.hp, text)
-        else:
-            loss, weights, _ = aol_loss(self.model, self.attention, x, labels, self.hp, text)
-        return loss, weights.detach()  # no DeepSpeed hook on the weights: the loss is the only output
+            loss, q, weights = trust_loss(self.model, self.attention, x, labels, self.hp, text)
+            return loss, weights.detach(), set_right(q, labels, self.attention.multiclass)
+        loss, weights, _ = aol_loss(self.model, self.attention, x, labels, self.hp, text)
+        return loss, weights.detach(), None  # no DeepSpeed hook on the weights: the loss is the only output
 
 
 def read_deepspeed_config(path: str | Path, batch_size: int) -> dict[str, Any]:
@@ -121,11 +122,11 @@ def build_engine(model: nn.Module, attention: nn.Module, optimizer: torch.optim.
 def make_step(engine, text_of: Callable[[dict[str, Any]], torch.Tensor | None]):
     """The training step under DeepSpeed, called like the default path's ``step(batch, average)``."""
     def step(batch: dict[str, Any], guard) -> dict[str, torch.Tensor]:
-        loss, weights = engine(batch["image"], batch["labels"], text_of(batch))
+        loss, weights, right = engine(batch["image"], batch["labels"], text_of(batch))
         engine.backward(loss)
         if guard.check(extra=[loss.detach().reshape(1).clone()]):
             engine.step()
-        return {"loss": loss.detach(), "weights": weights}
+        return {"loss": loss.detach(), "weights": weights} | ({} if right is None else {"right": right})
     return step
 
 

@@ -43,7 +43,7 @@ def test_trust_vs_truth_names_the_trusted_set_its_accuracy_and_skips_ties():
 
     from aol_dist.report import attention_table, trust_vs_truth
 
-    record = {"mean": {"a": 0.6, "b": 0.4},
+    record = {"mean": {"a": 0.6, "b": 0.4}, "steps": [151, 300],
               "per_finding": {"F1": {"a": 0.7, "b": 0.3}, "F2": {"a": 0.6, "b": 0.4}, "tie": {"a": 0.9, "b": 0.1}},
               "accuracy_vs_truth": {"F1": {"a": 0.95, "b": 0.90}, "F2": {"a": 0.80, "b": 0.85},
                                     "tie": {"a": 0.9, "b": 0.9}}}
@@ -54,3 +54,15 @@ def test_trust_vs_truth_names_the_trusted_set_its_accuracy_and_skips_ties():
     console.print(attention_table(record))
     text = " ".join(console.export_text().split())  # titles wrap at the table's width
     assert "right on 1 of 2 findings" in text and "its accuracy" in text and "0.800" in text
+    assert "steps 151-300" in text and "trusted most overall: a, the most accurate on average" in text
+
+    # the likelihood-trained trust: "trusted most" ranks by estimated accuracy, not by weight
+    record["estimated_accuracy"] = {"F1": {"a": 0.97, "b": 0.91}, "F2": {"a": 0.82, "b": 0.88},
+                                    "tie": {"a": 0.95, "b": 0.95}}
+    rows = trust_vs_truth(record)
+    assert [(r["finding"], r["trusted"], r["trust"], r["right"]) for r in rows] == [("F1", "a", 0.97, True),
+                                                                                     ("F2", "b", 0.88, True)]
+    console = Console(record=True, width=120)
+    console.print(attention_table(record))
+    text = " ".join(console.export_text().split())
+    assert "right on 2 of 2 findings" in text and "estimated accuracy" in text

@@ -62,3 +62,14 @@ def test_a_run_written_before_a_key_existed_loads_with_what_it_trained(tmp_path)
     new = tmp_path / "new.toml"
     new.write_text(text)
     assert load_run_config(new).method.regimes == 2
+
+
+def test_resume_takes_a_key_the_checkpoint_predates_as_what_the_run_trained_with():
+    """A checkpoint written before method.regimes existed trained with one regime: it resumes with
+    method.regimes=1 and is refused under today's default (2 regimes would be another model)."""
+    from aol_dist.checkpoint import config_changes
+
+    saved = load_config(None, ["method.regimes=1"]).to_dict()
+    del saved["method"]["regimes"]
+    assert config_changes(saved, load_config(None, ["method.regimes=1"]).to_dict()) == []
+    assert config_changes(saved, load_config(None).to_dict()) == ["method.regimes"]

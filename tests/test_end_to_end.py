@@ -58,6 +58,14 @@ def test_accelerate_launch_two_processes_then_eval(synth_dir, tmp_path, capsys):
     assert result["samples"] == 80 and len(result["auc"]["truth"]) == 14
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]
+    # the trust attention.json reports is the second half of training (steps 3-4, the last log window here),
+    # averaged over both ranks as the log averages it; with each set's estimated accuracy per finding
+    trust = json.loads((run_dir / "attention.json").read_text())
+    assert trust["steps"] == [3, 4]
+    assert {k: round(v, 5) for k, v in trust["mean"].items()} == pytest.approx(log[-1]["attention"], abs=2e-5)
+    estimated = trust["estimated_accuracy"]
+    assert set(estimated) == set(result["findings"]) and all(
+        set(v) == set(trust["label_sets"]) and all(0 <= a <= 1 for a in v.values()) for v in estimated.values())
     config_text = (run_dir / "config.toml").read_text()
     assert config_text.startswith("# git revision: ") and "steps = 4" in config_text
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from aol_dist.method.baselines import majority_target
-from aol_dist.method.trust import LabelTrust, posterior_trust
+from aol_dist.method.trust import LabelTrust, posterior_trust, set_right
 from aol_dist.model.attention import LabelAttention, binarize, combine_labels
 
 
@@ -90,7 +90,7 @@ def test_recovers_known_sensitivity_and_specificity(annotator):
         labels.append(torch.where(truth == 1, (u < sens[m]).float(), (u > spec[m]).float()))
     labels = torch.stack(labels, 1)
     trust = LabelTrust(1, 3, 3, annotator=annotator, input="none")
-    _fit(trust, x, labels, steps=1500)
+    classifier = _fit(trust, x, labels, steps=1500)
     c = trust.estimated_confusion().detach()  # (M, N, truth, label)
     pos = truth.unsqueeze(1) == 1
     drawn_sens = (labels * pos).sum(0) / pos.sum(0)  # the rates as drawn in this sample, (M, N)
@@ -98,6 +98,12 @@ def test_recovers_known_sensitivity_and_specificity(annotator):
     for m in range(3):
         assert c[m, :, 1, 1] == pytest.approx(drawn_sens[m].tolist(), abs=0.05), (annotator, m, c[m, :, 1, 1])
         assert c[m, :, 0, 0] == pytest.approx(drawn_spec[m].tolist(), abs=0.05), (annotator, m, c[m, :, 0, 0])
+    # the trust a run reports: each set's estimated accuracy, the mean of P(t = y_m | x, Y) over the data
+    with torch.no_grad():
+        _, q, _ = posterior_trust(classifier(x), labels, trust, trust.scores(None, len(x)))
+    estimated = set_right(q, labels, multiclass=False).mean(0)  # (M, N)
+    accuracy = (labels == truth.unsqueeze(1)).float().mean(0)
+    torch.testing.assert_close(estimated, accuracy, atol=0.03, rtol=0)
     assert drawn_sens.sub(sens[:, None]).abs().max() < 0.03  # and those are the rates asked for
 
 

@@ -273,14 +273,19 @@ def posterior_trust(logits: torch.Tensor, labels: torch.Tensor, trust: LabelTrus
     log_evidence = torch.logsumexp(joint, dim=-1)
     loss = -log_evidence.mean() + monotone_penalty(trust) + regime_balance(log_pi, trust.regime_balance)
     post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
-    if trust.multiclass:
-        q = post
-        right = (labels * q.unsqueeze(1)).sum(-1, keepdim=True)  # (B, M, 1): P(t = y_m)
-    else:
-        q = post[..., 1]
-        right = labels * q.unsqueeze(1) + (1 - labels) * (1 - q.unsqueeze(1))  # (B, M, N)
+    q = post if trust.multiclass else post[..., 1]
+    right = set_right(q, labels, trust.multiclass)
     w = right / right.sum(1, keepdim=True).clamp_min(1e-12)
     return loss, q, w
+
+
+def set_right(q: torch.Tensor, labels: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """P(t = y_m | x, Y): the posterior belief that label set m is right on this sample, (B, M, N) multi-label
+    ((B, M, 1) multi-class) from the posterior q of :func:`posterior_trust`. Its mean over the training data
+    is the annotator model's estimate of each set's accuracy, E[P(y_m = t)]: the trust a run reports."""
+    if multiclass:
+        return (labels * q.unsqueeze(1)).sum(-1, keepdim=True)
+    return labels * q.unsqueeze(1) + (1 - labels) * (1 - q.unsqueeze(1))
 
 
 def trust_features(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, logits: torch.Tensor,
@@ -322,4 +327,5 @@ def trust_step(model: nn.Module, trust: LabelTrust, optimizer: torch.optim.Optim
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update
         optimizer.step()
         trust_optimizer.step()
-    return {"loss": loss.detach(), "weights": w, "targets": q, "attention_grad_norm": attention_grad_norm}
+    return {"loss": loss.detach(), "weights": w, "targets": q, "right": set_right(q, labels, trust.multiclass),
+            "attention_grad_norm": attention_grad_norm}
