@@ -30,8 +30,8 @@ from aol_dist.zero import maybe_deepspeed
 ROC_THRESHOLDS = 200
 TRUST_FROM = 0.5
 """attention.json reports the weights (and estimated accuracies) averaged over the steps after this fraction of
-``train.steps``: the trust the run settled on, not the start it moved away from (docs/quality.md, "Whom the
-trust picks")."""
+``train.steps``: the trust the run settled on, not the start it moved away from (docs/quality.md, "Third pass:
+the trust a run reports")."""
 
 
 class Log:
@@ -84,7 +84,7 @@ class LoopState:
         """Per label set and finding, the weights summed over the steps of the reported stretch (TRUST_FROM)."""
         self.right_sum = torch.zeros_like(self.weight_sum)
         """The same for P(t = y_m | x, Y) (likelihood-trained trust): each set's estimated accuracy."""
-        self.reported_steps = 0
+        self.reported_steps, self.reported_from = 0, 0
         self.truth_hits = torch.zeros(num_sets + 1, num_findings, dtype=torch.float64, device=device)
         """Per label set and finding, training entries that match the truth (where the split has it); last row: count."""
         self.diag_width = len(diagnostics.SCALARS) + num_sets
@@ -111,6 +111,7 @@ class LoopState:
             self.window["weights"] += weights
             if reported:
                 self.weight_sum += weights
+                self.reported_from = self.reported_from or self.step
                 self.reported_steps += 1
                 if "right" in out:
                     self.right_sum += out["right"].double().mean(0).expand_as(self.right_sum)
@@ -124,14 +125,15 @@ class LoopState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "skipped": self.skipped, "weight_sum": self.weight_sum, "window": dict(self.window),
-                "truth_hits": self.truth_hits, "right_sum": self.right_sum, "reported_steps": self.reported_steps}
+                "truth_hits": self.truth_hits, "right_sum": self.right_sum, "reported_steps": self.reported_steps,
+                "reported_from": self.reported_from}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.skipped = state["step"], state["skipped"]
         self.truth_hits = state.get("truth_hits", self.truth_hits)
         if "reported_steps" in state:  # older checkpoints summed the weights over every step: not carried on
             self.weight_sum, self.right_sum = state["weight_sum"], state["right_sum"]
-            self.reported_steps = state["reported_steps"]
+            self.reported_steps, self.reported_from = state["reported_steps"], state["reported_from"]
         self.window = dict(state["window"])
 
 
@@ -252,7 +254,7 @@ def _finish(config: Config, parts: Parts, manifest: dict[str, Any], world: D.Wor
         reported = max(1, state.reported_steps) * world.world_size
         attention = _write_attention(work, parts, state.weight_sum / reported, config, state.truth_hits,
                                      state.right_sum / reported if state.right_sum.any() else None,
-                                     (int(TRUST_FROM * config.train.steps) + 1, state.step))
+                                     (state.reported_from, state.step))
         if attention:
             console.print(attention_table(attention))
         if state.skipped:
