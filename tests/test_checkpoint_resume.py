@@ -168,3 +168,31 @@ def test_resume_refuses_what_would_not_be_the_same_run(shard_dir, tmp_path):
     missing, _ = _single(shard_dir, runs, "nothing-here", resume="latest")
     with pytest.raises(RuntimeError, match="no checkpoint in"):
         checkpoint.open_run_dir(missing, world)
+
+
+def test_loop_state_resumed_inside_the_reported_window_reports_what_an_uninterrupted_run_does(tmp_path):
+    """The end-to-end resume above restores a checkpoint from before the reported window (TRUST_FROM); here the
+    loop state is saved and restored (through torch.save, as a checkpoint) in the middle of it: the sums of
+    weights and estimated accuracies, their step count and the first reported step all carry on."""
+    from aol_dist.loop import LoopState
+
+    g = torch.Generator().manual_seed(0)
+    outs = [{"loss": torch.rand((), generator=g), "weights": torch.rand(4, 3, 5, generator=g),
+             "right": torch.rand(4, 3, 5, generator=g)} for _ in range(10)]
+
+    def run(state, steps):
+        for i in steps:
+            state.step += 1
+            state.add(outs[i], applied=True, reported=state.step > 4)
+        return state
+
+    whole = run(LoopState(3, 5, torch.device("cpu")), range(10))
+    cut = run(LoopState(3, 5, torch.device("cpu")), range(7))
+    torch.save(cut.state_dict(), tmp_path / "loop.pt")
+    resumed = LoopState(3, 5, torch.device("cpu"))
+    resumed.load_state_dict(torch.load(tmp_path / "loop.pt", weights_only=True))
+    resumed = run(resumed, range(7, 10))
+    assert (resumed.reported_from, resumed.reported_steps) == (whole.reported_from, whole.reported_steps) == (5, 6)
+    torch.testing.assert_close(resumed.weight_sum, whole.weight_sum)
+    torch.testing.assert_close(resumed.right_sum, whole.right_sum)
+    torch.testing.assert_close(whole.right_sum, sum(o["right"].double().mean(0) for o in outs[4:]))
