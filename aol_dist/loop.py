@@ -93,7 +93,7 @@ class LoopState:
     def new_window(self) -> None:
         zeros = torch.zeros(self.diag_width, dtype=torch.float64, device=self.weight_sum.device)
         self.window = {"loss": 0.0, "n": 0, "wait": 0.0, "skipped": 0, "weights": torch.zeros_like(self.weight_sum),
-                       "diag": zeros, "diag_n": zeros.clone()}
+                       "right": torch.zeros_like(self.weight_sum), "diag": zeros, "diag_n": zeros.clone()}
 
     def add(self, out: dict[str, torch.Tensor], applied: bool, diag: torch.Tensor | None = None,
             labels: torch.Tensor | None = None, truth: torch.Tensor | None = None, reported: bool = False) -> None:
@@ -109,12 +109,15 @@ class LoopState:
         if "weights" in out:
             weights = out["weights"].double().mean(0).expand_as(self.weight_sum)  # (M, 1|N)
             self.window["weights"] += weights
+            right = out["right"].double().mean(0).expand_as(self.right_sum) if "right" in out else None
+            if right is not None:
+                self.window["right"] += right
             if reported:
                 self.weight_sum += weights
                 self.reported_from = self.reported_from or self.step
                 self.reported_steps += 1
-                if "right" in out:
-                    self.right_sum += out["right"].double().mean(0).expand_as(self.right_sum)
+                if right is not None:
+                    self.right_sum += right
         if truth is not None:  # how accurate each label set really is, for the trust table
             self.truth_hits[:-1] += (labels == truth.unsqueeze(1)).double().sum(0)
             self.truth_hits[-1] += truth.shape[0]
@@ -135,6 +138,7 @@ class LoopState:
             self.weight_sum, self.right_sum = state["weight_sum"], state["right_sum"]
             self.reported_steps, self.reported_from = state["reported_steps"], state["reported_from"]
         self.window = dict(state["window"])
+        self.window.setdefault("right", torch.zeros_like(self.weight_sum))  # checkpoints before it was logged
 
 
 def run_evaluation(parts: Parts, config: Config, manifest: dict[str, Any], world: D.World, run_dir: Path,
@@ -301,8 +305,10 @@ def _log_window(log: Log, state: LoopState, epoch: int, parts: Parts, config: Co
     stats = torch.tensor([window["loss"], window["n"], window["wait"], window["n"] + window["skipped"]],
                          dtype=torch.float64, device=world.device)
     weights, diag, diag_n = window["weights"].clone(), window["diag"].clone(), window["diag_n"].clone()
+    right = window["right"].clone()
     D.all_reduce_sum(stats, world)
     D.all_reduce_sum(weights, world)
+    D.all_reduce_sum(right, world)
     D.all_reduce_sum(diag, world)
     D.all_reduce_sum(diag_n, world)
     n, steps = stats[1].item(), stats[3].item()  # summed over ranks
@@ -320,6 +326,9 @@ def _log_window(log: Log, state: LoopState, epoch: int, parts: Parts, config: Co
     if config.method.name == "aol" and n:
         mean = (weights / n).mean(1)  # over findings
         record["attention"] = dict(zip(parts.label_sets, [round(v, 5) for v in mean.tolist()]))
+        if right.any():  # likelihood-trained trust: each set's estimated accuracy, mean over findings
+            estimate = (right / n).mean(1)
+            record["estimated_accuracy"] = dict(zip(parts.label_sets, [round(v, 5) for v in estimate.tolist()]))
     if diag_n.sum() > 0:
         record["diagnostics"] = diagnostics.summarise(diag, diag_n, parts.label_sets)
     log.write(record)

@@ -95,11 +95,16 @@ def training_curves(log: list[dict[str, Any]], path: Path, title: str) -> Path:
 
 
 def attention_over_time(log: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Mean attention weight per label set at every logged step: which labeler the model trusts."""
+    """Mean attention weight per label set at every logged step: which labeler the model trusts. With the
+    likelihood-trained trust, a second panel: each set's estimated accuracy (solid) beside its accuracy
+    against the truth where the training split has it (dashed, the log's ``diagnostics.set_accuracy``)."""
     plt = _pyplot()
     rows = [r for r in log if "attention" in r]
     names = list(rows[0]["attention"])
-    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    estimated = [r for r in rows if "estimated_accuracy" in r]
+    fig, axes = plt.subplots(1, 2 if estimated else 1, figsize=(15 if estimated else 9, 5),
+                             constrained_layout=True, squeeze=False)
+    ax = axes[0, 0]
     for name in names:
         ax.plot([r["step"] for r in rows], [r["attention"][name] for r in rows], lw=2,
                 label=f"{name} (last {rows[-1]['attention'][name]:.2f})")
@@ -108,6 +113,19 @@ def attention_over_time(log: list[dict[str, Any]], path: Path, title: str) -> Pa
            ylabel="mean attention weight (over samples and ranks)", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=9, framealpha=0.9)
+    if estimated:
+        ax = axes[0, 1]
+        real = [r for r in estimated if "set_accuracy" in r.get("diagnostics", {})]
+        for i, name in enumerate(names):
+            color = f"C{i}"
+            ax.plot([r["step"] for r in estimated], [r["estimated_accuracy"][name] for r in estimated], lw=2,
+                    color=color, label=f"{name} estimated (last {estimated[-1]['estimated_accuracy'][name]:.3f})")
+            if real:
+                ax.plot([r["step"] for r in real], [r["diagnostics"]["set_accuracy"][name] for r in real], lw=1,
+                        ls="--", color=color, label=f"{name} against the truth")
+        ax.set(title="estimated accuracy per label set, mean over findings", xlabel="step", ylabel="accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     return _save(fig, path)
 
 

@@ -66,6 +66,9 @@ def test_accelerate_launch_two_processes_then_eval(synth_dir, tmp_path, capsys):
     estimated = trust["estimated_accuracy"]
     assert set(estimated) == set(result["findings"]) and all(
         set(v) == set(trust["label_sets"]) and all(0 <= a <= 1 for a in v.values()) for v in estimated.values())
+    for name in trust["label_sets"]:  # the log's last window is the same steps: the same mean over findings
+        mean = sum(v[name] for v in estimated.values()) / len(estimated)
+        assert log[-1]["estimated_accuracy"][name] == pytest.approx(mean, abs=2e-5)
     config_text = (run_dir / "config.toml").read_text()
     assert config_text.startswith("# git revision: ") and "steps = 4" in config_text
 

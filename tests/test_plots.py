@@ -99,3 +99,16 @@ def test_scaling_table_and_plot_from_runs(tmp_path):
     assert rows[1:] == ["1,100.00,100.00,1.000,1.000,scale-1gpu-7", "2,190.00,95.00,1.900,0.950,scale-2gpu-7",
                         "4,340.00,85.00,3.400,0.850,scale-4gpu-7"]
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 10_000
+
+
+def test_the_attention_plot_adds_estimated_against_real_accuracy_where_the_log_has_them(tmp_path):
+    def width(png):  # the PNG header's IHDR width
+        return int.from_bytes(png.read_bytes()[16:20], "big")
+
+    log = [{"step": s, "attention": {"s0": 0.5, "s1": 0.5}} for s in (10, 20)]
+    plain = plots.attention_over_time(log, tmp_path / "plain.png", "run")
+    for r in log:
+        r["estimated_accuracy"] = {"s0": 0.9, "s1": 0.8}
+        r["diagnostics"] = {"set_accuracy": {"s0": 0.88, "s1": 0.81}}
+    both = plots.attention_over_time(log, tmp_path / "both.png", "run")
+    assert width(both) > 1.5 * width(plain)  # a second panel
