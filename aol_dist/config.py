@@ -30,8 +30,16 @@ class DataConfig:
     """Samples held by each reader worker for shuffling."""
     num_workers: int = 1
     """DataLoader worker processes per rank; each reads a disjoint subset of the rank's shards."""
+    gold_split: str = ""
+    """Method aol with trust = posterior: a split of hand-labelled studies (truth in every sample) whose labels
+    and truth fit the annotator model beside the noisy labels' likelihood, a batch of ``batch_size`` per step
+    (data/gold.py). What settles which way an uncertain mention goes where the labels cannot (docs/quality.md,
+    "Hand-labelled studies"). Its truth does not train the classifier directly. Empty: none."""
+    gold_samples: int = 0
+    """With ``gold_split``: use only its first this many studies (0: all of them; every rank holds them in memory)."""
 
     def validate(self) -> None:
+        _require(self.gold_samples >= 0, "data.gold_samples must be >= 0")
         _require(self.batch_size >= 1, "data.batch_size must be >= 1")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")
@@ -237,6 +245,9 @@ class Config:
     def validate(self) -> "Config":
         for f in fields(self):
             getattr(self, f.name).validate()
+        _require(not self.data.gold_split or (self.method.name == "aol" and self.method.trust == "posterior"),
+                 f"data.gold_split fits the annotator model of method aol with trust = posterior; this run is "
+                 f"method.name = {self.method.name!r}, trust = {self.method.trust!r} (unset data.gold_split)")
         if self.data.label_sets:  # M known here; else parts.build_parts checks against the shards' label sets
             check_listing_threshold(self.method, len(self.data.label_sets))
         return self
@@ -344,7 +355,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, values, "").validate()
 
 
-WRITTEN_BEFORE = {("method", "regimes"): 1}
+WRITTEN_BEFORE = {("method", "regimes"): 1, ("data", "gold_split"): "", ("data", "gold_samples"): 0}
 """Keys a run's written config.toml lacks when it predates them, and the value the run trained with."""
 
 

@@ -18,6 +18,7 @@ from aol_dist import checkpoint
 from aol_dist import dist as D
 from aol_dist.config import Config
 from aol_dist.data.convert.tokenize import check_tokenizer
+from aol_dist.data.gold import load_gold
 from aol_dist.data.shards import atomic_write_text, label_shape, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
 from aol_dist.evaluate import evaluate, write_results
@@ -181,6 +182,8 @@ def train(config: Config, world: D.World) -> Path:
                          config.data.shuffle_buffer, config.data.num_workers, label_index,
                          label_shape=label_shape(manifest))
     loader = make_loader(stream, config.data.num_workers)
+    gold = (load_gold(config.data.shards, manifest, config.data.gold_split, label_index, config.data.gold_samples)
+            if config.data.gold_split else None)
     run = checkpoint.open_run_dir(config, world)
     if run.finished:
         return run.final
@@ -201,6 +204,7 @@ def train(config: Config, world: D.World) -> Path:
         console.print(f"[bold]{config.method.name}[/] on {manifest['dataset']} ({stream.total_samples} train samples, "
                       f"{stream.steps_per_epoch} steps/epoch), {world.world_size} rank(s), "
                       f"label sets {parts.label_sets}, run dir {work}"
+                      + (f", {len(gold)} hand-labelled studies of split {gold.split!r} fit the trust" if gold is not None else "")
                       + (f", resumed at step {state.step}" if state.step else ""))
     progress = _progress(console, tc.steps, state.step)
     t_window, speed = time.perf_counter(), 0.0
@@ -216,6 +220,9 @@ def train(config: Config, world: D.World) -> Path:
         for raw in in_order(batches, start):
             state.window["wait"] += time.perf_counter() - t_wait
             batch = to_device(raw, world.device)
+            if gold is not None:  # drawn from (seed, step, rank) alone: a resumed run draws the same
+                batch["gold"] = to_device(gold.draw(tc.seed, state.step + 1, world.rank, config.data.batch_size),
+                                          world.device)
             guard.before(batch, state.step + 1)
             with autocast:
                 out = parts.step(batch, guard)

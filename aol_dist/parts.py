@@ -147,7 +147,8 @@ def _make_step(parts: Parts, config: Config) -> Step:
 
         def step(batch, average):
             return trust_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],
-                              labels_of(batch), trust_hp, average, parts.text(batch), mc.fast, forward=parts.forward)
+                              labels_of(batch), trust_hp, average, parts.text(batch), mc.fast, forward=parts.forward,
+                              gold=batch.get("gold"))
         return step
     if mc.name == "aol":
         hp = AolHyper.from_method(mc)

@@ -82,10 +82,12 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.attention, self.hp = model, attention, hp
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None = None):
-        """(loss, weights, right): ``right`` P(t = y_m | x, Y) for the likelihood-trained trust, else None."""
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None = None,
+                gold: dict[str, torch.Tensor] | None = None):
+        """(loss, weights, right): ``right`` P(t = y_m | x, Y) for the likelihood-trained trust, else None;
+        ``gold``: a batch of hand-labelled studies (data.gold_split, trust = posterior)."""
         if isinstance(self.hp, TrustHyper):  # method.trust = posterior
-            loss, q, weights = trust_loss(self.model, self.attention, x, labels, self.hp, text)
+            loss, q, weights = trust_loss(self.model, self.attention, x, labels, self.hp, text, gold=gold)
             return loss, weights.detach(), set_right(q, labels, self.attention.multiclass)
         loss, weights, _ = aol_loss(self.model, self.attention, x, labels, self.hp, text)
         return loss, weights.detach(), None  # no DeepSpeed hook on the weights: the loss is the only output
@@ -122,7 +124,7 @@ def build_engine(model: nn.Module, attention: nn.Module, optimizer: torch.optim.
 def make_step(engine, text_of: Callable[[dict[str, Any]], torch.Tensor | None]):
     """The training step under DeepSpeed, called like the default path's ``step(batch, average)``."""
     def step(batch: dict[str, Any], guard) -> dict[str, torch.Tensor]:
-        loss, weights, right = engine(batch["image"], batch["labels"], text_of(batch))
+        loss, weights, right = engine(batch["image"], batch["labels"], text_of(batch), batch.get("gold"))
         engine.backward(loss)
         if guard.check(extra=[loss.detach().reshape(1).clone()]):
             engine.step()

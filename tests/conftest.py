@@ -17,3 +17,13 @@ def tiny_bert(tmp_path_factory):
     make_tokenizer(path, extra=("pleural", "pneumothorax", "mild", "edema", "pulmonary", "impression", "lungs",
                                 "clear", "possible", "of", "the", "and", "is", "are"))  # 33 words < vocab 40
     return path
+
+
+@pytest.fixture(scope="session")
+def run_shards(tmp_path_factory):
+    """Fake shards for training runs: 64 training samples in 4 shards (truth in every split), 16 test samples."""
+    from helpers import write_fake_shards
+
+    out = tmp_path_factory.mktemp("run-shards")
+    write_fake_shards(out, {"train": [16, 16, 16, 16], "test": [8, 8]})
+    return out

@@ -13,7 +13,7 @@ from aol_dist import checkpoint
 from aol_dist import dist as D
 from aol_dist.config import config_from_dict
 from aol_dist.loop import train
-from helpers import run_gloo, write_fake_shards
+from helpers import run_gloo
 
 # 64 samples, 2 ranks x batch 4: 8 steps per epoch. 12 steps cross an epoch boundary; the checkpoint
 # at step 5 falls inside a log window (log_every 2) and inside the epoch; the kill comes at step 7.
@@ -22,7 +22,9 @@ STEPS, CHECKPOINT_EVERY, KILL_AT = 12, 5, 7
 
 def _config(shards, runs, name, **train):
     return config_from_dict({
-        "data": {"shards": str(shards), "batch_size": 4, "shuffle_buffer": 8, "num_workers": 2},
+        # hand-labelled studies fit the annotator model (data/gold.py): their draws resume exactly too
+        "data": {"shards": str(shards), "batch_size": 4, "shuffle_buffer": 8, "num_workers": 2,
+                 "gold_split": "train", "gold_samples": 24},
         "model": {"arch": "resnet_tiny"},
         "method": {"lr": 1e-3},
         "train": {"steps": STEPS, "log_every": 2, "checkpoint_every": CHECKPOINT_EVERY, "keep_checkpoints": 2,
@@ -39,22 +41,15 @@ def _train(rank, world_size, shards, runs, name, train_overrides, ds_json=""):
     train(_config(shards, runs, name, **train_overrides), D.world_from_process_group())
 
 
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    write_fake_shards(out, {"train": [16, 16, 16, 16], "test": [8, 8]})
-    return out
-
-
 def _log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
-def whole(shard_dir, tmp_path_factory):
+def whole(run_shards, tmp_path_factory):
     """The uninterrupted run (default launch) every interrupted one is compared with."""
     runs = tmp_path_factory.mktemp("whole")
-    run_gloo(_train, 2, shard_dir, runs, "whole", {})
+    run_gloo(_train, 2, run_shards, runs, "whole", {})
     return runs / "whole"
 
 
@@ -67,18 +62,18 @@ def _deepspeed_zero2(tmp_path):
 
 
 @pytest.mark.parametrize("launch", ["default", "deepspeed_zero2"])
-def test_killed_run_resumed_from_latest_equals_uninterrupted_run(shard_dir, whole, tmp_path, launch):
+def test_killed_run_resumed_from_latest_equals_uninterrupted_run(run_shards, whole, tmp_path, launch):
     # DeepSpeed: ZeRO-2's partitioned optimizer state goes through engine.save/load_checkpoint; the
     # uninterrupted run is the default launch, so this also shows the ZeRO-2 loop equals it
     ds_json = _deepspeed_zero2(tmp_path) if launch == "deepspeed_zero2" else ""
     runs = tmp_path / "runs"
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
-        run_gloo(_train, 2, shard_dir, runs, "cut", {"debug_fault": f"kill:1:{KILL_AT}"}, ds_json)
+        run_gloo(_train, 2, run_shards, runs, "cut", {"debug_fault": f"kill:1:{KILL_AT}"}, ds_json)
     work = runs / "cut.incomplete"
     assert [p.name for p in checkpoint.list_checkpoints(work)] == ["step-00000005"]
     assert [r["step"] for r in _log(work)] == [2, 4, 6]  # step 6 was logged before the kill
 
-    run_gloo(_train, 2, shard_dir, runs, "cut", {"resume": "latest"}, ds_json)
+    run_gloo(_train, 2, run_shards, runs, "cut", {"resume": "latest"}, ds_json)
     cut = runs / "cut"
     assert cut.is_dir() and not work.exists()
 
@@ -113,9 +108,9 @@ def _single(shards, runs, name, **train_overrides):
     return config, D.World()
 
 
-def test_resume_auto_starts_resumes_or_finds_the_run_finished(shard_dir, tmp_path):
+def test_resume_auto_starts_resumes_or_finds_the_run_finished(run_shards, tmp_path):
     runs = tmp_path / "runs"
-    config, world = _single(shard_dir, runs, "job-42", resume="auto", steps=3, checkpoint_every=2)
+    config, world = _single(run_shards, runs, "job-42", resume="auto", steps=3, checkpoint_every=2)
     fresh = checkpoint.open_run_dir(config, world)
     assert fresh.resume_from is None and fresh.work == runs / "job-42.incomplete" and not fresh.finished
 
@@ -147,15 +142,15 @@ def _train_then_fail(config, world, fail_at):
         faults.StepGuard.before = original
 
 
-def test_resume_refuses_what_would_not_be_the_same_run(shard_dir, tmp_path):
+def test_resume_refuses_what_would_not_be_the_same_run(run_shards, tmp_path):
     runs = tmp_path / "runs"
-    config, world = _single(shard_dir, runs, "r", steps=2, checkpoint_every=1)
+    config, world = _single(run_shards, runs, "r", steps=2, checkpoint_every=1)
     with pytest.raises(RuntimeError, match="simulated preemption"):
         _train_then_fail(config, world, fail_at=2)
 
     with pytest.raises(RuntimeError, match="holds checkpoints of an unfinished run"):
         checkpoint.open_run_dir(config, world)  # resume = "": never silently on top of an unfinished run
-    changed, _ = _single(shard_dir, runs, "r", resume="latest", steps=2)
+    changed, _ = _single(run_shards, runs, "r", resume="latest", steps=2)
     changed = config_from_dict({**changed.to_dict(), "method": {**changed.to_dict()["method"], "lr": 0.5}})
     with pytest.raises(ValueError, match=r"config differs in \['method.lr'\]"):
         train(changed, world)
@@ -163,10 +158,10 @@ def test_resume_refuses_what_would_not_be_the_same_run(shard_dir, tmp_path):
     from aol_dist.parts import build_parts
     from aol_dist.data.shards import read_manifest
 
-    parts = build_parts(config, read_manifest(shard_dir), world)
+    parts = build_parts(config, read_manifest(run_shards), world)
     with pytest.raises(ValueError, match="written by 1 ranks; this job has 2"):
         checkpoint.load(ckpt, parts.modules(), {}, config, D.World(rank=0, world_size=2), [])
-    missing, _ = _single(shard_dir, runs, "nothing-here", resume="latest")
+    missing, _ = _single(run_shards, runs, "nothing-here", resume="latest")
     with pytest.raises(RuntimeError, match="no checkpoint in"):
         checkpoint.open_run_dir(missing, world)
 

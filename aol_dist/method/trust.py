@@ -300,28 +300,46 @@ def trust_features(model: nn.Module, x: torch.Tensor, trunk: torch.Tensor, logit
     return meta(model, x, trunk, logits, labels, hp.meta_lr, text, hp.scope)
 
 
+def gold_loss(trust: LabelTrust, gold: dict[str, torch.Tensor]) -> torch.Tensor:
+    """-mean log P(Y | t, x) at the known truth t of hand-labelled studies (``data.gold_split``, data/gold.py):
+    the annotator model fitted where the truth is known, which settles what the labels leave open (which way
+    an uncertain mention goes). The tables and the regime network learn from it; the per-sample head does not
+    (it reads the classifier's features, which the gold studies do not pass through), and the classifier
+    learns from the gold studies only through the annotator model."""
+    image, labels, truth = gold["image"], gold["labels"], gold["truth"]
+    log_pi = trust.regime_net(image) if trust.regime_net is not None else None
+    ll = trust.log_likelihood(labels, trust.scores(None, image.shape[0]), log_pi)  # (B, N, 2) or (B, K)
+    if trust.multiclass:  # truth one-hot over the K classes
+        return -(ll * truth).sum(-1).mean()
+    return -ll.gather(-1, truth.long().unsqueeze(-1)).mean()
+
+
 def trust_loss(model: nn.Module, trust: LabelTrust, x: torch.Tensor, labels: torch.Tensor, hp: TrustHyper,
-               text: torch.Tensor | None = None, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(-log P(Y | x), q, w) of one batch: backward trains the classifier and the annotator model together."""
+               text: torch.Tensor | None = None, fast: bool = True,
+               gold: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(-log P(Y | x), q, w) of one batch: backward trains the classifier and the annotator model together;
+    with a ``gold`` batch, plus :func:`gold_loss`."""
     trunk = model.trunk(x)
     features = model.top(trunk, text)
     logits = model.head(features)
     head_input = trust_features(model, x, trunk, logits, features, labels, hp, text, fast)
     s = trust.scores(head_input, x.shape[0])
     log_pi = trust.regime_net(x) if trust.regime_net is not None else None
-    return posterior_trust(logits, labels, trust, s, log_pi)
+    loss, q, w = posterior_trust(logits, labels, trust, s, log_pi)
+    return (loss if gold is None else loss + gold_loss(trust, gold)), q, w
 
 
 def trust_step(model: nn.Module, trust: LabelTrust, optimizer: torch.optim.Optimizer,
                trust_optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor, hp: TrustHyper,
                average_gradients: Callable[[], bool | None] = lambda: None,
                text: torch.Tensor | None = None, fast: bool = True,
-               forward: Forward = local_forward) -> dict[str, torch.Tensor]:
-    """One step: classifier and annotator model by -log P(Y | x); returns loss, trust weights, targets q.
-    ``forward`` and ``average_gradients`` as in :func:`aol_dist.method.aol.aol_step`."""
+               forward: Forward = local_forward, gold: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One step: classifier and annotator model by -log P(Y | x) (and :func:`gold_loss` on a ``gold`` batch);
+    returns loss, trust weights, targets q. ``forward`` and ``average_gradients`` as in
+    :func:`aol_dist.method.aol.aol_step`."""
     optimizer.zero_grad(set_to_none=True)
     trust_optimizer.zero_grad(set_to_none=True)
-    loss, q, w = forward(lambda: trust_loss(model, trust, x, labels, hp, text, fast))
+    loss, q, w = forward(lambda: trust_loss(model, trust, x, labels, hp, text, fast, gold))
     loss.backward()
     attention_grad_norm = grad_norm(trust.parameters())
     if average_gradients() is not False:  # False: non-finite gradients on some rank; every rank skips the update

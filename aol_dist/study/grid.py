@@ -35,6 +35,8 @@ METHODS: tuple[Method, ...] = (
     Method("aol:meta", ("method.name=aol", "method.trust_input=meta"), default=False),  # the head reads F_m (Eq. 1)
     Method("aol:independent", ("method.name=aol", "method.annotator=independent"), default=False),
     Method("aol:one_regime", ("method.name=aol", "method.regimes=1"), default=False),  # one global annotator model
+    # 300 training studies' truth fits the annotator model (data.gold_split; benchmarks whose train split has truth)
+    Method("aol:gold", ("method.name=aol", "data.gold_split=train", "data.gold_samples=300"), default=False),
     Method("aol:regimes_free", ("method.name=aol", "method.regime_balance=0"), default=False),  # no balance term
     Method("single:{label_set}", ("method.name=single", "method.single_label_set={label_set}")),
     Method("majority", ("method.name=majority",)),
