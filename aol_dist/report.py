@@ -28,11 +28,7 @@ def attention_table(record: dict[str, Any]):
     columns = ["label set", "mean weight"] + ["estimated accuracy"] * bool(estimate) + ["accuracy"] * bool(accuracy)
     for column in columns:
         table.add_column(column, justify="left" if column == "label set" else "right")
-    overall = {name: {"weight": w} for name, w in record["mean"].items()}
-    for key, source in (("estimate", estimate), ("accuracy", accuracy)):
-        for name in overall if source else ():
-            overall[name][key] = sum(per[name] for per in source.values()) / len(source)
-    rank = "estimate" if estimate else "weight"
+    overall, rank = _overall(record)
     for name, v in sorted(overall.items(), key=lambda kv: -kv[1][rank]):
         table.add_row(name, *(f"{v[k]:.3f}" for k in ("weight", "estimate", "accuracy") if k in v))
     if not accuracy:
@@ -43,8 +39,12 @@ def attention_table(record: dict[str, Any]):
                f"({overall[best]['accuracy']:.3f})"))
     rows = trust_vs_truth(record)
     right = sum(r["right"] for r in rows)
-    detail = Table(title=f"{verdict}. Per finding, trusted vs most accurate label set (training split's truth): "
-                         f"right on {right} of {len(rows)} findings where the sets differ")
+    scores = trust_scores(record)
+    picks = (f"; uncertain mentions: leans to the more accurate of u0 / u1 on {scores['uncertain_right']} of "
+             f"{scores['uncertain_of']} findings ({scores['u0_better_right']} of {scores['u0_better_of']} where u0 is)"
+             if "uncertain_of" in scores else "")
+    detail = Table(title=f"{verdict}{picks}. Per finding, trusted vs most accurate label set (training split's "
+                         f"truth): right on {right} of {len(rows)} findings where the sets differ")
     for column in ("finding", "trusted most", "estimated accuracy" if estimate else "weight", "its accuracy",
                    "most accurate", "accuracy", ""):
         detail.add_column(column, justify="left" if column in ("finding", "trusted most", "most accurate") else "right")
@@ -52,6 +52,50 @@ def attention_table(record: dict[str, Any]):
         detail.add_row(r["finding"], r["trusted"], f"{r['trust']:.3f}", f"{r['trusted_accuracy']:.3f}", r["best"],
                        f"{r['accuracy']:.3f}", "yes" if r["right"] else "[red]no[/]")
     return Group(table, detail)
+
+
+def _overall(record: dict[str, Any]) -> tuple[dict[str, dict[str, float]], str]:
+    """Per label set its mean weight, estimated accuracy and accuracy over the findings (those the record
+    has), and what ranks the trust: the estimated accuracy where the record has one, else the weight."""
+    overall = {name: {"weight": w} for name, w in record["mean"].items()}
+    for key, source in (("estimate", record.get("estimated_accuracy")), ("accuracy", record.get("accuracy_vs_truth"))):
+        for name in overall if source else ():
+            overall[name][key] = sum(per[name] for per in source.values()) / len(source)
+    return overall, "estimate" if record.get("estimated_accuracy") else "weight"
+
+
+def trust_scores(record: dict[str, Any]) -> dict[str, Any] | None:
+    """How well one run's trust (attention.json) names the right label sets, where the training split has truth
+    (else None): per finding, whether the set trusted most is the most accurate (:func:`trust_vs_truth`); for
+    label sets in ``<labeler>_u0`` / ``<labeler>_u1`` pairs (uncertain mentions as 0 / as 1), per finding where
+    they differ, whether the trust summed over the u1 sets against the u0 sets leans the way the accuracy does
+    (the u0/u1 picks of issue 10, docs/quality.md), also counted over the findings where u0 is more accurate;
+    and whether the set trusted most overall is one of the two most accurate on average."""
+    accuracy = record.get("accuracy_vs_truth")
+    if not accuracy:
+        return None
+    rows = trust_vs_truth(record)
+    overall, rank = _overall(record)
+    trusted = max(overall, key=lambda n: overall[n][rank])
+    top_two = sorted(overall, key=lambda n: -overall[n]["accuracy"])[:2]
+    out = {"per_finding_right": sum(r["right"] for r in rows), "per_finding_of": len(rows),
+           "trusted_most": trusted, "trusted_in_top_two": trusted in top_two}
+    pairs = [(name, name[:-1] + "1") for name in overall if name.endswith("_u0") and name[:-1] + "1" in overall]
+    if pairs:
+        trust = record.get("estimated_accuracy") or record["per_finding"]
+        picks = {"uncertain_right": 0, "uncertain_of": 0, "u0_better_right": 0, "u0_better_of": 0}
+        for finding, acc in accuracy.items():
+            lean = sum(acc[u1] - acc[u0] for u0, u1 in pairs)
+            if abs(lean) < 1e-9:
+                continue  # u0 and u1 agree (No Finding): nothing to pick
+            right = lean * sum(trust[finding][u1] - trust[finding][u0] for u0, u1 in pairs) > 0
+            picks["uncertain_of"] += 1
+            picks["uncertain_right"] += right
+            if lean < 0:
+                picks["u0_better_of"] += 1
+                picks["u0_better_right"] += right
+        out.update(picks)
+    return out
 
 
 def trust_vs_truth(record: dict[str, Any]) -> list[dict[str, Any]]:

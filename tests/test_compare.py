@@ -66,3 +66,40 @@ def test_trust_vs_truth_names_the_trusted_set_its_accuracy_and_skips_ties():
     console.print(attention_table(record))
     text = " ".join(console.export_text().split())
     assert "right on 2 of 2 findings" in text and "estimated accuracy" in text
+
+
+def test_trust_scores_count_the_u0_u1_picks_and_the_top_two():
+    from rich.console import Console
+
+    from aol_dist.report import attention_table, trust_scores
+
+    sets = ["nb_u0", "nb_u1", "cx_u0", "cx_u1"]
+
+    def per(*rows):
+        return {f: dict(zip(sets, r)) for f, r in rows}
+    record = {"label_sets": sets, "mean": dict(zip(sets, [0.25] * 4)),
+              "per_finding": per(("E", (0.25,) * 4), ("P", (0.25,) * 4), ("C", (0.25,) * 4), ("N", (0.25,) * 4)),
+              # E: u1 better, trusted to u1 (right); P: u0 better, trusted to u1 (wrong); C: u0 better, trusted
+              # to u0 by the sum over both labelers though negbio leans u1 (right); N: u0 = u1 (not counted)
+              "estimated_accuracy": per(("E", (0.90, 0.95, 0.90, 0.96)), ("P", (0.90, 0.93, 0.91, 0.94)),
+                                        ("C", (0.95, 0.96, 0.97, 0.90)), ("N", (0.99, 0.99, 0.98, 0.98))),
+              "accuracy_vs_truth": per(("E", (0.88, 0.95, 0.89, 0.96)), ("P", (0.96, 0.93, 0.97, 0.94)),
+                                       ("C", (0.96, 0.95, 0.97, 0.94)), ("N", (0.97, 0.97, 0.99, 0.99)))}
+    scores = trust_scores(record)
+    assert scores["uncertain_right"] == 2 and scores["uncertain_of"] == 3
+    assert scores["u0_better_right"] == 1 and scores["u0_better_of"] == 2
+    # per finding, the one set trusted most against the one most accurate: E cx_u1 yes, P cx_u1 no, C cx_u0 yes,
+    # N nb_u0 (0.99) against cx_u0 / cx_u1 (0.99) no
+    assert (scores["per_finding_right"], scores["per_finding_of"]) == (2, 4)
+    # overall estimated: nb_u1 0.9575 first; accuracy on average: cx_u0 0.9725, cx_u1 0.9575, nb_u1 0.95
+    assert scores["trusted_most"] == "nb_u1" and scores["trusted_in_top_two"] is False
+    console = Console(record=True, width=140)
+    console.print(attention_table(record))
+    text = " ".join(console.export_text().split())
+    assert "leans to the more accurate of u0 / u1 on 2 of 3 findings (1 of 2 where u0 is)" in text
+    assert trust_scores({**record, "accuracy_vs_truth": None}) is None  # no truth: nothing to score
+    plain = {**record, "label_sets": ["a", "b"], "mean": {"a": 0.5, "b": 0.5},
+             "per_finding": {"F": {"a": 0.6, "b": 0.4}}, "accuracy_vs_truth": {"F": {"a": 0.9, "b": 0.8}}}
+    plain.pop("estimated_accuracy")
+    assert trust_scores(plain) == {"per_finding_right": 1, "per_finding_of": 1, "trusted_most": "a",
+                                   "trusted_in_top_two": True}  # no u0 / u1 pairs: no picks counted

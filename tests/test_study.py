@@ -129,7 +129,7 @@ def test_plan_expands_label_sets_and_selects_by_pattern(tmp_path):
     table = {"instance": (bench, ["A", "B"], tmp_path / "shards")}
     labels = [m.label for m in expand_methods(["A", "B"])]
     assert labels == ["aol", "aol:paper", "aol:paper_per_finding", "aol:global", "aol:features", "aol:free", "aol:meta",
-                      "aol:independent", "aol:one_regime", "aol:regimes_free",
+                      "aol:independent", "aol:one_regime", "aol:gold", "aol:regimes_free",
                       "single:A", "single:B", "majority", "soft_average", "cm", "truth"]
     assert [m for m in labels if is_baseline(m)] == ["single:A", "single:B", "majority", "soft_average", "cm"]
     runs = plan(table, tmp_path, 3)  # without --methods: the default rows, not the variants studied on their own
@@ -314,3 +314,30 @@ def test_a_killed_study_leaves_no_run_going(tmp_path, sig):
         study.kill()
         for p in _running(runs | _descendants(study.pid)):
             os.kill(p, 9)
+
+
+def test_trust_summary_reads_each_runs_attention_json(tmp_path):
+    from aol_dist.study.summary import trust_summary, trust_tables
+
+    path = tmp_path / "results.csv"
+    for seed, (p_u0, right_pf) in enumerate([(0.97, True), (0.93, False)]):
+        run = tmp_path / f"aol-{seed}"
+        run.mkdir()
+        sets = ["x_u0", "x_u1"]
+        (run / "attention.json").write_text(json.dumps({
+            "label_sets": sets, "mean": {"x_u0": 0.5, "x_u1": 0.5},
+            "per_finding": {"F": {"x_u0": p_u0 - 0.4, "x_u1": 0.55}},
+            "accuracy_vs_truth": {"F": {"x_u0": 0.96, "x_u1": 0.94}}}))  # u0 better: trusted to u0 in seed 0 only
+        append_result(path, {"benchmark": "b", "method": "aol", "seed": seed, "metric": "auroc", "value": 0.8,
+                             "steps": 2, "seconds": 1.0, "run_dir": str(run)})
+    append_result(path, {"benchmark": "b", "method": "majority", "seed": 0, "metric": "auroc", "value": 0.7,
+                         "steps": 2, "seconds": 1.0, "run_dir": str(tmp_path / "no-attention")})
+    trust = trust_summary(read_results(path))
+    assert list(trust) == ["b"] and list(trust["b"]) == ["aol"]  # majority wrote no trust
+    stats = trust["b"]["aol"]
+    assert stats["seeds"] == 2
+    assert stats["uncertain_right"] == {"mean": 0.5, "std": statistics.stdev([1, 0]), "of": 1}
+    assert stats["u0_better_right"]["mean"] == 0.5 and stats["per_finding_right"]["mean"] == 0.5
+    assert stats["trusted_in_top_two"]["mean"] == 1.0  # two sets: always in the top two
+    assert trust_summary(read_results(path), keys={("b", "aol", 1)})["b"]["aol"]["uncertain_right"]["mean"] == 0.0
+    assert len(trust_tables(trust)) == 1

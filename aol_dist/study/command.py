@@ -22,7 +22,7 @@ from typing import Any
 from aol_dist.study.benchmarks import BENCHMARKS, BenchmarkUnavailable, build_benchmark
 from aol_dist.study.grid import PRESETS, plan
 from aol_dist.study.runner import command, read_results, run_grid
-from aol_dist.study.summary import summarize, tables
+from aol_dist.study.summary import summarize, tables, trust_summary, trust_tables
 
 RECORD = "study.json"
 PRESET_TOML = "preset.toml"
@@ -99,13 +99,14 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     summary = summarize(rows, keys={r.key for r in runs}, order=[(r.benchmark, r.method) for r in runs])
-    summary = {**summary, "preset": preset.name, "settings": list(settings),
+    summary = {**summary, "trust": trust_summary(rows, keys={r.key for r in runs}), "preset": preset.name,
+               "settings": list(settings),
                "per_benchmark": {b: list(v) for b, v in preset.per_benchmark.items()}, "skipped": skipped}
     from aol_dist.data.shards import atomic_write_text
     from aol_dist.study.plots import study_plot
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    for table in tables(summary):
+    for table in tables(summary) + trust_tables(summary["trust"]):
         console.print(table)
     plot = study_plot(summary, out / "study.png")
     say(f"{out / 'results.csv'}, {out / 'summary.json'}" + (f", {plot}" if plot else ""))

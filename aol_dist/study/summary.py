@@ -9,7 +9,9 @@ twice the larger of the two methods' seed standard deviations.
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 from typing import Any, Sequence
 
 from aol_dist.study.grid import is_baseline
@@ -68,6 +70,59 @@ def paired_difference(stats: dict[str, Any], base: dict[str, Any], base_name: st
     mean, std = _mean_std(diffs)
     clear = mean > 2 * max(stats["std"] or 0.0, base["std"] or 0.0) if len(seeds) > 1 else False
     return {"baseline": base_name, "mean": mean, "std": std, "seeds": len(seeds), "clear": clear}
+
+
+TRUST_COUNTS = ("per_finding_right", "uncertain_right", "u0_better_right", "trusted_in_top_two")
+
+
+def trust_summary(rows: Sequence[dict[str, Any]], keys: set[tuple[str, str, int]] | None = None) -> dict[str, Any]:
+    """Per benchmark and method whose runs wrote a trust with the training split's truth beside it
+    (attention.json): mean and standard deviation over seeds of :func:`aol_dist.report.trust_scores`'s counts,
+    and out of how many findings."""
+    from aol_dist.report import trust_scores
+
+    scores: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for r in rows:
+        if keys is not None and (r["benchmark"], r["method"], r["seed"]) not in keys:
+            continue
+        path = Path(r.get("run_dir") or "") / "attention.json"
+        score = trust_scores(json.loads(path.read_text())) if r.get("run_dir") and path.is_file() else None
+        if score is not None:
+            scores.setdefault(r["benchmark"], {}).setdefault(r["method"], {})[r["seed"]] = score
+    out: dict[str, Any] = {}
+    for bench, methods in scores.items():
+        for method, by_seed in methods.items():
+            first = next(iter(by_seed.values()))
+            stats: dict[str, Any] = {"seeds": len(by_seed)}
+            for key in TRUST_COUNTS:
+                if key in first:
+                    mean, std = _mean_std([float(s[key]) for s in by_seed.values()])
+                    of = first[key.removesuffix("_right") + "_of"] if key.endswith("_right") else 1
+                    stats[key] = {"mean": mean, "std": std, "of": of}
+            out.setdefault(bench, {})[method] = stats
+    return out
+
+
+def trust_tables(trust: dict[str, Any]) -> list[Any]:
+    """One rich table per benchmark: how often the trust names the right label set (mean +- std over seeds)."""
+    from rich.table import Table
+
+    titles = {"per_finding_right": "trusted = most accurate, per finding", "uncertain_right": "u0 / u1 picks",
+              "u0_better_right": "... where u0 is better", "trusted_in_top_two": "trusted most overall in the top two"}
+    out = []
+    for bench, methods in trust.items():
+        table = Table(title=f"{bench}: does the trust name the more accurate label sets? (training split's truth, "
+                            f"mean +- std over seeds, of how many findings)")
+        table.add_column("method")
+        for key in TRUST_COUNTS:
+            table.add_column(titles[key], justify="right")
+        for method, stats in methods.items():
+            cells = [(f"{stats[k]['mean']:.1f} +- {stats[k]['std']:.1f} of {stats[k]['of']}" if k != "trusted_in_top_two"
+                      else f"{stats[k]['mean'] * stats['seeds']:.0f} of {stats['seeds']} seeds") if k in stats else ""
+                     for k in TRUST_COUNTS]
+            table.add_row(method, *cells)
+        out.append(table)
+    return out
 
 
 def tables(summary: dict[str, Any]) -> list[Any]:
