@@ -122,6 +122,10 @@ class MethodConfig:
     regime_balance: float = 1.0
     """regimes > 1: weight of KL(the batch's mean regime weights || uniform), which keeps every regime in use
     (method/trust.py regime_balance); 0 lets one regime take every image."""
+    gold_weight: float = 0.3
+    """trust = posterior with ``data.gold_split``: weight of the hand-labelled studies' -log P(Y | t, x) (a batch
+    mean) beside the noisy labels' -log P(Y | x) (a batch mean). 0.3 by the study (synth-cxr, 300 of 3,000
+    studies hand-labelled, 6 seeds: u0/u1 picks 10.3, 11.8, 12.7, 12.0 of 13 at 0.03, 0.1, 0.3, 1; docs/quality.md)."""
     trust_lr: float = 5e-2
     """trust = posterior: Adam learning rate of the annotator model and its per-sample head."""
     cm_lambda: float = 0.01
@@ -154,6 +158,7 @@ class MethodConfig:
         _require(self.trust_input in ("auto", "features", "meta", "none"),
                  f"method.trust_input must be auto, features, meta or none, got {self.trust_input!r}")
         _require(self.trust_lr > 0, "method.trust_lr must be > 0")
+        _require(self.gold_weight > 0, f"method.gold_weight must be > 0, got {self.gold_weight}")
         from aol_dist.method.trust import MAX_REGIMES
 
         _require(1 <= self.regimes <= MAX_REGIMES, f"method.regimes must be 1 to {MAX_REGIMES}, got {self.regimes}")
@@ -355,7 +360,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return _build(Config, values, "").validate()
 
 
-WRITTEN_BEFORE = {("method", "regimes"): 1, ("data", "gold_split"): "", ("data", "gold_samples"): 0}
+WRITTEN_BEFORE = {("method", "regimes"): 1, ("data", "gold_split"): "", ("data", "gold_samples"): 0,
+                  ("method", "gold_weight"): 0.3}  # without a gold split it has no effect
 """Keys a run's written config.toml lacks when it predates them, and the value the run trained with."""
 
 

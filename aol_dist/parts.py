@@ -143,7 +143,7 @@ def _make_step(parts: Parts, config: Config) -> Step:
     mc = config.method
     model, labels_of = parts.model, (lambda batch: batch["labels"])
     if mc.name == "aol" and isinstance(parts.attention, LabelTrust):
-        trust_hp = TrustHyper(parts.attention.annotator, parts.attention.input, mc.meta_lr, mc.meta_scope)
+        trust_hp = TrustHyper(parts.attention.annotator, parts.attention.input, mc.meta_lr, mc.meta_scope, mc.gold_weight)
 
         def step(batch, average):
             return trust_step(model, parts.attention, parts.optimizer, parts.attention_optimizer, batch["image"],

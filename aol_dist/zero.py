@@ -148,7 +148,7 @@ def maybe_deepspeed(parts: Any, config: Config, world: D.World):
         raise ValueError("train.nan_policy = skip is not available under DeepSpeed (ZeRO keeps the reduced "
                          "gradients in its own buffers); use nan_policy = stop")
     mc = config.method
-    hp = (TrustHyper(parts.attention.annotator, parts.attention.input, mc.meta_lr, mc.meta_scope)
+    hp = (TrustHyper(parts.attention.annotator, parts.attention.input, mc.meta_lr, mc.meta_scope, mc.gold_weight)
           if mc.trust == "posterior" else AolHyper.from_method(mc))
     engine = build_engine(parts.model, parts.attention, parts.optimizer, parts.attention_optimizer, hp,
                           read_deepspeed_config(path, config.data.batch_size))

@@ -15,7 +15,8 @@ from aol_dist.data.gold import load_gold
 from aol_dist.data.shards import ShardError, read_manifest
 from aol_dist.data.stream import EvalStream
 from aol_dist.loop import train
-from aol_dist.method.trust import LabelTrust, gold_loss, posterior_trust, set_right
+from aol_dist.method.trust import LabelTrust, TrustHyper, gold_loss, posterior_trust, set_right, trust_loss
+from aol_dist.model.backbone import Classifier
 
 
 def _one_labeler_who_hedges(n=6000, findings=2, seed=0):
@@ -115,6 +116,8 @@ def test_a_gold_split_without_truth_or_too_small_is_named(run_shards, tmp_path):
 def test_gold_split_is_refused_where_no_annotator_model_uses_it(method):
     with pytest.raises(ConfigError, match="data.gold_split fits the annotator model of method aol"):
         load_config(None, [*method, "data.gold_split=validate"])
+    with pytest.raises(ConfigError, match="method.gold_weight must be > 0"):
+        load_config(None, ["data.gold_split=validate", "method.gold_weight=0"])
 
 
 def test_the_gold_batch_reaches_the_training_step(run_shards, tmp_path):
@@ -131,3 +134,17 @@ def test_the_gold_batch_reaches_the_training_step(run_shards, tmp_path):
     plain, gold = run("plain"), run("gold", gold_split="test", gold_samples=12)
     assert not torch.equal(plain["attention"]["log_table"], gold["attention"]["log_table"])
     assert all(torch.equal(plain["model"][k], gold["model"][k]) for k in plain["model"])
+
+
+def test_gold_weight_scales_the_gold_term():
+    torch.manual_seed(0)
+    model = Classifier("resnet_tiny", 3, None)
+    trust = LabelTrust(model.feature_dim, 2, 3, input="none")
+    x, labels = torch.rand(4, 3, 16, 16), torch.randint(0, 2, (4, 2, 3)).float()
+    gold = {"image": torch.rand(5, 3, 16, 16), "labels": torch.randint(0, 2, (5, 2, 3)).float(),
+            "truth": torch.randint(0, 2, (5, 3)).float()}
+    noisy, _, _ = trust_loss(model, trust, x, labels, TrustHyper(input="none"))
+    term = gold_loss(trust, gold)
+    for weight in (1.0, 0.3):
+        loss, _, _ = trust_loss(model, trust, x, labels, TrustHyper(input="none", gold_weight=weight), gold=gold)
+        torch.testing.assert_close(loss, noisy + weight * term)

@@ -123,6 +123,8 @@ class TrustHyper:
     F_m of Eq. 1, the paper's attention input), or ``none`` (a global annotator model)."""
     meta_lr: float = 0.2
     scope: str = "full"
+    gold_weight: float = 0.3
+    """Weight of :func:`gold_loss` beside the noisy labels' -log P(Y | x) (``method.gold_weight``)."""
 
 
 class LabelTrust(nn.Module):
@@ -326,7 +328,7 @@ def trust_loss(model: nn.Module, trust: LabelTrust, x: torch.Tensor, labels: tor
     s = trust.scores(head_input, x.shape[0])
     log_pi = trust.regime_net(x) if trust.regime_net is not None else None
     loss, q, w = posterior_trust(logits, labels, trust, s, log_pi)
-    return (loss if gold is None else loss + gold_loss(trust, gold)), q, w
+    return (loss if gold is None else loss + hp.gold_weight * gold_loss(trust, gold)), q, w
 
 
 def trust_step(model: nn.Module, trust: LabelTrust, optimizer: torch.optim.Optimizer,
