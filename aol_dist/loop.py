@@ -206,6 +206,10 @@ def train(config: Config, world: D.World) -> Path:
                       f"label sets {parts.label_sets}, run dir {work}"
                       + (f", {len(gold)} hand-labelled studies of split {gold.split!r} fit the trust" if gold is not None else "")
                       + (f", resumed at step {state.step}" if state.step else ""))
+        if gold is not None and gold.split in config.data.eval_splits:
+            console.print(f"[yellow]data.gold_split {gold.split!r} is also in data.eval_splits: its studies' truth "
+                          f"fits the trust, so its results are not on unseen studies (give the hand-labelled "
+                          f"studies for the trust a split of their own)[/]")
     progress = _progress(console, tc.steps, state.step)
     t_window, speed = time.perf_counter(), 0.0
     reported_after = int(TRUST_FROM * tc.steps)

@@ -120,7 +120,7 @@ def test_gold_split_is_refused_where_no_annotator_model_uses_it(method):
         load_config(None, ["data.gold_split=validate", "method.gold_weight=0"])
 
 
-def test_the_gold_batch_reaches_the_training_step(run_shards, tmp_path):
+def test_the_gold_batch_reaches_the_training_step(run_shards, tmp_path, capsys):
     """The same run with and without hand-labelled studies: the annotator model differs, the classifier's
     first step does not (the gold term has no gradient into the classifier)."""
     def run(name, **data):
@@ -132,6 +132,9 @@ def test_the_gold_batch_reaches_the_training_step(run_shards, tmp_path):
         return torch.load(train(config, D.World()) / "model.pt", weights_only=True)
 
     plain, gold = run("plain"), run("gold", gold_split="test", gold_samples=12)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "12 hand-labelled studies of split 'test' fit the trust" in said
+    assert "data.gold_split 'test' is also in data.eval_splits" in said  # evaluated on studies it was given
     assert not torch.equal(plain["attention"]["log_table"], gold["attention"]["log_table"])
     assert all(torch.equal(plain["model"][k], gold["model"][k]) for k in plain["model"])
 
