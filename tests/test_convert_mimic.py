@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,37 @@ def test_nan_is_blank(tmp_path):
 
     assert math.isnan(parse_mention("nan", Path("x.csv"), 1, "Edema"))
     assert parse_mention(" -1.0 ", Path("x.csv"), 1, "Edema") == -1.0
+
+
+def test_hand_labels_make_a_test_split_and_a_gold_split_of_whole_patients(tree, tmp_path):
+    root, expect = tree
+    bad = {expect["corrupt"], expect["missing"]}
+    studies = [s for s, d in sorted(expect["chosen"].items()) if d + ".jpg" not in bad][:9]
+    rows = [[s, *[str(int(v)) for v in np.random.default_rng(int(s)).integers(0, 2, len(FINDINGS))]] for s in studies]
+    csv = tmp_path / "hand.csv"
+    csv.write_text("\n".join(",".join(r) for r in [["study_id", *FINDINGS], *rows]) + "\n")
+    out = tmp_path / "shards"
+    convert_mimic(root, out, image_size=16, samples_per_shard=4, hand_labels=csv, hand_gold=4)
+    manifest = read_manifest(out)
+    assert manifest["splits"]["gold"]["has_truth"] and manifest["splits"]["test_hand"]["has_truth"]
+    assert not manifest["splits"]["train"]["has_truth"]
+
+    def read(split):
+        return {raw["__key__"]: raw for path, _ in split_shards(out, manifest, split) for raw in iter_tar_samples(path)}
+    gold, test = read("gold"), read("test_hand")
+    assert len(gold) >= 4 and len(test) >= 1 and set(gold) | set(test) == {f"s{s}" for s in studies}
+    assert not set(gold) & set(test)
+    subjects = {name: {json.loads(r["ids.json"])["subject_id"] for r in raws.values()} for name, raws in
+                (("gold", gold), ("test", test))}
+    assert not subjects["gold"] & subjects["test"]  # whole patients: none on both sides
+    truth = {f"s{r[0]}": [int(v) for v in r[1:]] for r in rows}
+    for key, raw in {**gold, **test}.items():
+        assert decode_array(raw["truth.npy"]).tolist() == truth[key]
+    # the same choice every time; more than there are: one line naming the file
+    again = tmp_path / "again"
+    convert_mimic(root, again, image_size=16, samples_per_shard=4, hand_labels=csv, hand_gold=4)
+    assert read_manifest(again)["splits"]["gold"]["samples"] == len(gold)
+    with pytest.raises(ConversionError, match=r"hand.csv: --hand-gold 10, but only 9 hand-labelled studies"):
+        convert_mimic(root, tmp_path / "too-many", image_size=16, hand_labels=csv, hand_gold=10)
+    with pytest.raises(ConversionError, match="--hand-gold needs --hand-labels"):
+        convert_mimic(root, tmp_path / "none", image_size=16, hand_gold=2)

@@ -41,7 +41,7 @@ def _mimic(a: argparse.Namespace) -> int:
     return _run(convert_mimic, root=a.root, out=a.out, reports=a.reports, image_size=a.image_size, aspect=a.aspect,
                 image_format=a.image_format, tokenizer=a.tokenizer, max_length=a.max_length,
                 samples_per_shard=a.samples_per_shard, workers=a.workers, hand_labels=a.hand_labels,
-                hand_split=a.hand_split)
+                hand_split=a.hand_split, hand_gold=a.hand_gold, gold_split=a.gold_split)
 
 
 def _openi(a: argparse.Namespace) -> int:
@@ -79,6 +79,10 @@ def add_converters(shards: Any) -> None:
     m.add_argument("--reports", help="root holding files/p1X/pXXXXXXXX/sXXXXXXXX.txt (default: --root)")
     m.add_argument("--hand-labels", help="CSV of hand labels (study_id + 14 findings) -> an extra split with truth")
     m.add_argument("--hand-split", default="test_hand", help="name of that split")
+    m.add_argument("--hand-gold", type=int, default=0, metavar="N",
+                   help="of the hand-labelled studies, at least N (whole patients, a fixed pseudo-random choice) go to "
+                        "--gold-split instead, to fit the trust (data.gold_split); the rest stay to evaluate on")
+    m.add_argument("--gold-split", default="gold", help="name of that split")
     _common(m)
     m.set_defaults(func=_mimic)
 

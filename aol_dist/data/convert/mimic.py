@@ -18,6 +18,7 @@ split with a ``truth`` vector, such as the MIMIC 1k test set.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -87,10 +88,11 @@ def read_hand_labels(path: Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def plan(root: str | Path, hand_labels: str | Path | None = None,
-         hand_split: str = "test_hand") -> tuple[dict[str, list[Study]], Counter, dict[str, str]]:
+def plan(root: str | Path, hand_labels: str | Path | None = None, hand_split: str = "test_hand",
+         hand_gold: int = 0, gold_split: str = "gold") -> tuple[dict[str, list[Study]], Counter, dict[str, str]]:
     """Join the four CSVs; choose one frontal image per study. Returns studies per split, drop counts
-    and the sha256 of every CSV read (recorded in the manifest as the source checksums)."""
+    and the sha256 of every CSV read (recorded in the manifest as the source checksums). With ``hand_gold``,
+    that many hand-labelled studies go to ``gold_split`` instead of ``hand_split`` (:func:`split_gold`)."""
     root = Path(root)
     paths = {k: common.find_table(root, stem) for k, stem in TABLES.items()}
     labels = {name: read_labeler(paths[name]) for name in LABELERS}
@@ -139,8 +141,26 @@ def plan(root: str | Path, hand_labels: str | Path | None = None,
                 out[hand_split].append(Study(s.subject_id, s.study_id, s.dicom_id, s.view, hand_split, s.raw, t))
             else:
                 dropped["hand_labelled_studies_not_converted"] += 1
+        if hand_gold:
+            out[gold_split], out[hand_split] = split_gold(out[hand_split], hand_gold, Path(hand_labels))
     checksums = {p.name: common.sha256_file(p) for p in paths.values()}
     return out, Counter({k: v for k, v in dropped.items() if v}), checksums
+
+
+def split_gold(studies: list[Study], n: int, where: Path) -> tuple[list[Study], list[Study]]:
+    """(gold, rest): whole patients, in a fixed pseudo-random order (sha256 of the subject id), go to the gold
+    split until it holds at least ``n`` studies; so no patient is on both sides (``data.gold_split``: the
+    studies whose truth fits the trust, the rest to evaluate on)."""
+    if n > len(studies):
+        raise common.ConversionError(f"{where}: --hand-gold {n}, but only {len(studies)} hand-labelled studies "
+                                     f"were converted")
+    per_subject = Counter(s.subject_id for s in studies)
+    chosen: set[str] = set()
+    for subject in sorted(per_subject, key=lambda subject: hashlib.sha256(subject.encode()).hexdigest()):
+        if sum(per_subject[c] for c in chosen) >= n:
+            break
+        chosen.add(subject)
+    return [s for s in studies if s.subject_id in chosen], [s for s in studies if s.subject_id not in chosen]
 
 
 def make_sample(study: Study, root: str, reports: str, image_size: int, aspect: str, image_format: str,
@@ -172,12 +192,15 @@ def make_sample(study: Study, root: str, reports: str, image_size: int, aspect: 
 def convert_mimic(root: str | Path, out: str | Path, *, reports: str | Path | None = None, image_size: int = 256,
                   aspect: str = "stretch", image_format: str = "png", tokenizer: str | None = None,
                   max_length: int = 256, samples_per_shard: int = 1000, workers: int = 1,
-                  hand_labels: str | Path | None = None, hand_split: str = "test_hand") -> dict[str, Any]:
+                  hand_labels: str | Path | None = None, hand_split: str = "test_hand", hand_gold: int = 0,
+                  gold_split: str = "gold") -> dict[str, Any]:
     """Convert, write the manifest and ``conversion_report.json``; returns the report."""
     from aol_dist.data.convert.tokenize import tokenizer_record
 
     token_info = tokenizer_record(tokenizer, max_length) if tokenizer else None  # fails fast on a bad path
-    items, dropped, checksums = plan(root, hand_labels, hand_split)
+    if hand_gold and not hand_labels:
+        raise common.ConversionError("--hand-gold needs --hand-labels (the hand-labelled studies to take them from)")
+    items, dropped, checksums = plan(root, hand_labels, hand_split, hand_gold, gold_split)
     make = functools.partial(make_sample, root=str(root), reports=str(reports or root), image_size=image_size,
                              aspect=aspect, image_format=image_format, tokenizer=tokenizer, max_length=max_length)
     records, reused = common.write_splits(out, items, make, samples_per_shard, workers)
@@ -185,5 +208,5 @@ def convert_mimic(root: str | Path, out: str | Path, *, reports: str | Path | No
                           image_size=image_size, tokenizer=token_info, image_format=image_format,
                           source={"root": str(Path(root).resolve()), "csv_sha256": checksums, "aspect": aspect,
                                   "view_preference": list(FRONTAL)},
-                          has_truth={hand_split: True} if hand_labels else None)
+                          has_truth={hand_split: True, **({gold_split: True} if hand_gold else {})} if hand_labels else None)
     return common.finish(out, common.build_report("mimic-cxr-jpg", records, reused, dropped))
