@@ -40,6 +40,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _require(self.gold_samples >= 0, "data.gold_samples must be >= 0")
+        _require(not self.gold_samples or bool(self.gold_split),
+                 f"data.gold_samples = {self.gold_samples} without data.gold_split: name the hand-labelled split")
         _require(self.batch_size >= 1, "data.batch_size must be >= 1")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         _require(self.num_workers >= 0, "data.num_workers must be >= 0")

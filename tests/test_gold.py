@@ -116,6 +116,8 @@ def test_a_gold_split_without_truth_or_too_small_is_named(run_shards, tmp_path):
 def test_gold_split_is_refused_where_no_annotator_model_uses_it(method):
     with pytest.raises(ConfigError, match="data.gold_split fits the annotator model of method aol"):
         load_config(None, [*method, "data.gold_split=validate"])
+    with pytest.raises(ConfigError, match="data.gold_samples = 5 without data.gold_split"):
+        load_config(None, ["data.gold_samples=5"])
     with pytest.raises(ConfigError, match="method.gold_weight must be > 0"):
         load_config(None, ["data.gold_split=validate", "method.gold_weight=0"])
 
