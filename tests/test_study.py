@@ -341,3 +341,14 @@ def test_trust_summary_reads_each_runs_attention_json(tmp_path):
     assert stats["trusted_in_top_two"]["mean"] == 1.0  # two sets: always in the top two
     assert trust_summary(read_results(path), keys={("b", "aol", 1)})["b"]["aol"]["uncertain_right"]["mean"] == 0.0
     assert len(trust_tables(trust)) == 1
+
+
+def test_the_gold_row_takes_300_studies_or_a_tenth_of_a_smaller_training_split(tmp_path):
+    from helpers import write_fake_shards
+
+    bench = B.BENCHMARKS["instance"]
+    for train, want in (([32, 32], 6), ([2000, 2000], 300)):
+        shards = tmp_path / f"shards-{sum(train)}"
+        write_fake_shards(shards, {"train": train, "test": [8]})
+        (run,) = plan({"instance": (bench, ["s0", "s1"], shards)}, tmp_path, 1, ["aol:gold"])
+        assert "data.gold_split=train" in run.overrides and f"data.gold_samples={want}" in run.overrides

@@ -1,7 +1,8 @@
 """What ``aol study`` runs: the methods table, the presets, and the plan (one run per benchmark, method, seed).
 
 A method row is a label and the config overrides that make it; ``{label_set}`` in a row expands to one
-row per label set of the benchmark (``single:<label set>``). Adding a variant is one line in
+row per label set of the benchmark (``single:<label set>``); ``{gold_studies}`` is :data:`GOLD_STUDIES`, or a
+tenth of the benchmark's training split where that is fewer (the smoke preset's tiny shards). Adding a variant is one line in
 :data:`METHODS`, e.g. ``Method("aol:paper", ("method.name=aol", "method.trust=attention"))``.
 Labels are the method name, and ``name:variant`` for variants.
 """
@@ -35,8 +36,9 @@ METHODS: tuple[Method, ...] = (
     Method("aol:meta", ("method.name=aol", "method.trust_input=meta"), default=False),  # the head reads F_m (Eq. 1)
     Method("aol:independent", ("method.name=aol", "method.annotator=independent"), default=False),
     Method("aol:one_regime", ("method.name=aol", "method.regimes=1"), default=False),  # one global annotator model
-    # 300 training studies' truth fits the annotator model (data.gold_split; benchmarks whose train split has truth)
-    Method("aol:gold", ("method.name=aol", "data.gold_split=train", "data.gold_samples=300"), default=False),
+    # the truth of {gold_studies} training studies (300, or a tenth of a smaller training split) fits the annotator
+    # model (data.gold_split; benchmarks whose train split has truth)
+    Method("aol:gold", ("method.name=aol", "data.gold_split=train", "data.gold_samples={gold_studies}"), default=False),
     Method("aol:regimes_free", ("method.name=aol", "method.regime_balance=0"), default=False),  # no balance term
     Method("single:{label_set}", ("method.name=single", "method.single_label_set={label_set}")),
     Method("majority", ("method.name=majority",)),
@@ -118,6 +120,22 @@ class Run:
         return self.benchmark, self.method, self.seed
 
 
+GOLD_STUDIES = 300
+"""Hand-labelled studies of the ``aol:gold`` row: what docs/quality.md ("Fourth pass") measured enough."""
+
+
+def gold_studies(shard_dir: Path) -> int:
+    """:data:`GOLD_STUDIES`, or a tenth of the training split of the shards in ``shard_dir`` where that is fewer
+    (shards not built yet: :data:`GOLD_STUDIES`; the run names what is missing)."""
+    from aol_dist.data.shards import ShardError, read_manifest
+
+    try:
+        train = read_manifest(shard_dir)["splits"]["train"]["samples"]
+    except (ShardError, KeyError):
+        return GOLD_STUDIES
+    return max(1, min(GOLD_STUDIES, train // 10))
+
+
 def expand_methods(label_sets: Sequence[str], methods: Sequence[Method] = METHODS) -> list[Method]:
     """The method rows of one benchmark: ``{label_set}`` rows once per label set."""
     out = []
@@ -155,9 +173,11 @@ def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Pat
         for m in rows:
             if m.label not in chosen:
                 continue
+            own = tuple(o.format(gold_studies=gold_studies(shard_dir)) if "{gold_studies}" in o else o
+                        for o in m.overrides)
             for seed in range(seeds):
                 overrides = (f"data.shards={shard_dir}", f"data.eval_splits={TEST_SPLIT}", *bench.settings,
-                             *(per_benchmark or {}).get(name, ()), *extra, *m.overrides, f"train.seed={seed}")
+                             *(per_benchmark or {}).get(name, ()), *extra, *own, f"train.seed={seed}")
                 runs.append(Run(name, m.label, seed, bench.metric, overrides, root / "runs" / name))
     unused = [p for p in patterns if p not in used]
     if unused and benchmarks:
