@@ -209,6 +209,12 @@ class TrainConfig:
     """How the ranks send the outer and attention gradients to each other (DDP communication hooks):
     "none" (the parameters' precision), "bf16" or "fp16" (half the bytes; the averaged gradients are rounded
     to that precision). No effect on one process; refused under DeepSpeed launch configs."""
+    ddp_fixed_buckets: bool = False
+    """Keep DDP's first gradient-bucket layout for the whole run (``find_unused_parameters``: no rebuild after
+    the first step): a resumed run then equals the uninterrupted one bit for bit at any number of ranks. Off,
+    that holds at 1-2 ranks; from 3 ranks on, the first step after a resume sums the gradients in another
+    grouping and the runs part by float rounding (docs/distributed.md). Costs a walk of the autograd graph
+    every step, and PyTorch warns once per rank that no unused parameter was found."""
     tensorboard: bool = False
     """Also write the logged scalars to ``<run>/tensorboard`` (needs the ``tensorboard`` package)."""
     plots: bool = True
@@ -363,7 +369,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 WRITTEN_BEFORE = {("method", "regimes"): 1, ("data", "gold_split"): "", ("data", "gold_samples"): 0,
-                  ("method", "gold_weight"): 0.3}  # without a gold split it has no effect
+                  ("method", "gold_weight"): 0.3, ("train", "ddp_fixed_buckets"): False}  # without a gold split it has no effect
 """Keys a run's written config.toml lacks when it predates them, and the value the run trained with."""
 
 

@@ -132,7 +132,8 @@ class OuterStep(nn.Module):
         return compute()
 
 
-def data_parallel(modules: dict[str, nn.Module], world: World, compression: str = "none") -> nn.Module:
+def data_parallel(modules: dict[str, nn.Module], world: World, compression: str = "none",
+                  fixed_buckets: bool = False) -> nn.Module:
     """PyTorch DDP over ``modules``: the ``forward`` the step functions route their loss through (SPEC 3.7).
 
     Every parameter of ``modules`` must get a gradient every step (no unused-parameter search: pass only
@@ -141,13 +142,19 @@ def data_parallel(modules: dict[str, nn.Module], world: World, compression: str 
     pass (:func:`average_statistics`), as before DDP. ``compression`` bf16/fp16 registers DDP's compression
     hook: gradients travel in half precision, divided by the world size before the sum. The gradients are
     views into DDP's buckets (``gradient_as_bucket_view``): no copy between the two.
+
+    ``fixed_buckets`` (``train.ddp_fixed_buckets``): DDP rebuilds its buckets in gradient-ready order after its
+    first step; from 3 ranks on, another layout sums some gradient elements in another grouping, which changes
+    the float rounding, so the first step after a resume (a fresh DDP, first layout) differs in the last bits
+    from that step of the uninterrupted run. ``find_unused_parameters`` keeps the first layout for good.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     if compression not in GRAD_COMPRESSION:
         raise ValueError(f"train.grad_compression must be one of {GRAD_COMPRESSION}, got {compression!r}")
-    ddp = DistributedDataParallel(OuterStep(modules), forward_sync_buffers=False, gradient_as_bucket_view=True)
+    ddp = DistributedDataParallel(OuterStep(modules), forward_sync_buffers=False, gradient_as_bucket_view=True,
+                                  find_unused_parameters=fixed_buckets)
     hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
     if compression in hooks:
         ddp.register_comm_hook(None, hooks[compression])

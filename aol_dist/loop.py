@@ -175,7 +175,7 @@ def train(config: Config, world: D.World) -> Path:
     parts = build_parts(config, manifest, world)
     engine = maybe_deepspeed(parts, config, world)  # DeepSpeed launch configs: ZeRO owns the update
     if engine is None and world.distributed:  # every other launch: DDP averages the gradients in backward
-        parts.forward = D.data_parallel(parts.trained(), world, tc.grad_compression)
+        parts.forward = D.data_parallel(parts.trained(), world, tc.grad_compression, tc.ddp_fixed_buckets)
     optimizers = {} if engine else _optimizers(parts)
     shards = split_shards(config.data.shards, manifest, config.data.train_split)
     stream = TrainStream(shards, world.rank, world.world_size, config.data.batch_size, tc.seed,
