@@ -249,6 +249,7 @@ def _gloo_child(rank: int, world_size: int, port: int, timeout_s: float, fn: Cal
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears the group down while a peer still finishes a collective
     finally:
         dist.destroy_process_group()
 
