@@ -60,11 +60,14 @@ def load_gold(shard_dir: str | Path, manifest: dict[str, Any], split: str, label
     if samples > total:
         raise ShardError(f"{where} holds {total} studies; data.gold_samples asks for {samples}")
     wanted = samples or total
-    images, labels, truth = [], [], []
+    images, labels, truth, read = [], [], [], 0
     for batch in EvalStream(shards, 0, 1, 256, label_index, label_shape(manifest)):
         if "truth" not in batch:
             raise ShardError(f"{where}: sample {batch['key'][0]} has no truth.npy")
-        images.append(batch["image"]), labels.append(batch["labels"]), truth.append(batch["truth"])
-        if sum(len(t) for t in truth) >= wanted:
+        images.append(batch["image"])
+        labels.append(batch["labels"])
+        truth.append(batch["truth"])
+        read += len(batch["truth"])
+        if read >= wanted:
             break
     return GoldSet(torch.cat(images)[:wanted], torch.cat(labels)[:wanted], torch.cat(truth)[:wanted], split)
