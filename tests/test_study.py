@@ -146,9 +146,16 @@ def test_plan_expands_label_sets_and_selects_by_pattern(tmp_path):
     assert [r.method for r in variant] == ["aol:new"] and "method.k=5" in variant[0].overrides
     # later overrides win: the preset's for this benchmark, then the user's, then the method's
     (run,) = plan(table, tmp_path, 1, ["majority"], per_benchmark={"instance": ("train.steps=600", "method.k=5")},
-                  extra=("train.steps=7", "method.name=cm"))
+                  extra=("train.steps=7", "method.k=9"))
     o = run.overrides
-    assert o.index("train.steps=600") < o.index("train.steps=7") and o.index("method.name=cm") < o.index("method.name=majority")
+    assert o.index("train.steps=600") < o.index("train.steps=7") < o.index("method.name=majority")
+    assert o.index("method.k=5") < o.index("method.k=9")
+    # a user's key that the method row sets itself would be silently overruled: refused, naming both
+    with pytest.raises(ValueError, match=r"--set method.name=cm: method row majority sets method.name=majority"):
+        plan(table, tmp_path, 1, ["majority"], extra=("method.name=cm",))
+    with pytest.raises(ValueError, match="aol:gold sets data.gold_samples"):
+        plan(table, tmp_path, 1, ["aol", "aol:gold"], extra=("data.gold_samples = 50",))
+    assert len(plan(table, tmp_path, 1, ["aol"], extra=("data.gold_samples=50", "data.gold_split=train"))) == 1
 
 
 def test_results_csv_survives_a_kill_mid_row(tmp_path):

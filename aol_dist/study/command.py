@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=0,
                         help="runs side by side (default: CPU cores, or GPUs where there are GPUs)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="extra config override for every run (part of the study's settings)")
+                        help="extra config override for every run (part of the study's settings); a key "
+                             "that a chosen method row sets itself is refused")
     parser.add_argument("--launch", choices=("fork", "exec"), default="fork",
                         help="fork: each run forked from a process that imported the training code once (default); "
                              "exec: each run a `python -m aol_dist.train` subprocess (pays the imports every run)")

@@ -162,8 +162,10 @@ def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Pat
     """Every (benchmark, method, seed) run: ``benchmarks`` maps a name to (row, label sets, shard directory).
     A run's overrides, later ones winning: the benchmark's, the preset's for that benchmark
     (``per_benchmark``), the user's (``extra``), the method's, the seed. A pattern that matches no method
-    of any benchmark is an error naming the known labels."""
+    of any benchmark is an error naming the known labels; so is a user's key that a chosen method row sets
+    itself (the row's value would silently win)."""
     runs, known, used = [], [], set()
+    user = {o.partition("=")[0].strip(): o for o in extra}
     for name, (bench, label_sets, shard_dir) in benchmarks.items():
         rows = expand_methods(label_sets, methods)
         labels = [m.label for m in rows]
@@ -175,6 +177,10 @@ def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Pat
                 continue
             own = tuple(o.format(gold_studies=gold_studies(shard_dir)) if "{gold_studies}" in o else o
                         for o in m.overrides)
+            clash = [(user[k], o) for o in own if (k := o.partition("=")[0].strip()) in user]
+            if clash:
+                raise ValueError(f"--set {clash[0][0]}: method row {m.label} sets {clash[0][1]} itself, which would "
+                                 f"win; leave {m.label} out of --methods, or add a row to study/grid.py METHODS")
             for seed in range(seeds):
                 overrides = (f"data.shards={shard_dir}", f"data.eval_splits={TEST_SPLIT}", *bench.settings,
                              *(per_benchmark or {}).get(name, ()), *extra, *own, f"train.seed={seed}")
