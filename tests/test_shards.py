@@ -128,3 +128,28 @@ def test_the_fast_png_decoder_equals_pil(mode, shape):
     assert np.array_equal(fast, reference)
     jpeg = encode_image(rng.integers(0, 256, (8, 8), dtype=np.uint8), "jpg")
     assert np.array_equal(decode_image(jpeg), decode_image_pil(jpeg))
+
+
+def test_a_conversion_with_other_settings_is_refused_before_it_writes_and_never_reuses_their_shards(tmp_path):
+    from aol_dist.data.build import build_synth
+
+    out = tmp_path / "synth"
+    assert build_synth(out, 8, 0, 0, image_size=16, samples_per_shard=4)["reused_shards"] == 0
+    assert build_synth(out, 8, 0, 0, image_size=16, samples_per_shard=4)["reused_shards"] == 2  # a re-run: resumed
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # another split at another image size: refused before its first shard (it used to be after the last one)
+    with pytest.raises(ShardError, match=r"holds split\(s\) train converted with other image_size"):
+        build_synth(out, 0, 0, 4, image_size=32, samples_per_shard=4)
+    # the same split at another size: its finished 16 px shards were reused under a 32 px manifest; now refused
+    with pytest.raises(ShardError, match=r"train-000000.tar: a finished shard that another conversion wrote "
+                                         r"\(image_size: 16 -> 32\); convert into another directory"):
+        build_synth(out, 8, 0, 0, image_size=32, samples_per_shard=4)
+    with pytest.raises(ShardError, match=r"\(the samples it holds \(other source files, split or --samples-per-shard\)"):
+        build_synth(out, 8, 0, 0, image_size=16, samples_per_shard=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a record written before `made_with` existed is reused as before
+    record = json.loads((out / "train-000000.tar.json").read_text())
+    del record["made_with"]
+    (out / "train-000000.tar.json").write_text(json.dumps(record))
+    assert build_synth(out, 8, 0, 0, image_size=16, samples_per_shard=4)["reused_shards"] == 2
+    assert verify(out) == {"train": 8}

@@ -36,6 +36,8 @@ def build_synth(out: str | Path, n_train: int = 4000, n_validate: int = 500, n_t
     make = functools.partial(synth_sample, seed=seed, image_size=image_size, tokenizer=tokenizer, max_length=max_length)
     records, reused = {}, 0
     sizes = {"train": n_train, "validate": n_validate, "test": n_test}
+    head = dict(findings=FINDINGS, label_sets=LABEL_SETS, image_size=image_size, tokenizer=record)
+    shards.check_directory(out, [s for s in SPLITS if sizes[s]], **head)
     for split in SPLITS:
         if sizes[split] == 0:
             continue
@@ -44,8 +46,7 @@ def build_synth(out: str | Path, n_train: int = 4000, n_validate: int = 500, n_t
         records[split], r = shards.write_split(out, jobs, make, workers)
         reused += r
     manifest = shards.write_manifest(
-        out, dataset="synth", findings=FINDINGS, label_sets=LABEL_SETS, splits=records, image_size=image_size,
-        tokenizer=record,
+        out, dataset="synth", splits=records, **head,
         source={"generator": "aol_dist.data.synth", "seed": seed, "sizes": sizes},
         has_truth={s: True for s in records})
     manifest["reused_shards"] = reused

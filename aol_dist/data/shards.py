@@ -16,6 +16,7 @@ Layout of a shard directory::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -180,6 +181,18 @@ class ShardJob:
     items: tuple[Any, ...]
 
 
+def made_with(job: ShardJob, make_sample: Callable[[Any], Any]) -> dict[str, str]:
+    """What a shard is made from, as text its record keeps: the sample maker, the settings bound to it
+    (``functools.partial``: image size, format, root, ...) and a digest of the job's items. A finished shard
+    is reused only by a conversion that would write it again the same way."""
+    func, args, keywords = make_sample, (), {}
+    while isinstance(func, functools.partial):
+        args, keywords, func = func.args + args, {**func.keywords, **keywords}, func.func
+    return {"maker": f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', type(func).__name__)}",
+            **{f"arg{i}": repr(a) for i, a in enumerate(args)}, **{k: repr(v) for k, v in sorted(keywords.items())},
+            "items_sha256": hashlib.sha256(repr(job.items).encode()).hexdigest()}
+
+
 def write_shard(out_dir: Path, job: ShardJob, make_sample: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any]:
     """Write one shard to a temporary name and rename it; return its record.
 
@@ -210,7 +223,8 @@ def write_shard(out_dir: Path, job: ShardJob, make_sample: Callable[[Any], dict[
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(tmp, final)
-    record = {"name": job.name, "samples": count, "sha256": _sha256(final), "skipped": skipped, "notes": notes}
+    record = {"name": job.name, "samples": count, "sha256": _sha256(final), "skipped": skipped, "notes": notes,
+              "made_with": made_with(job, make_sample)}
     # The record is written after the shard: a shard without a record is redone on resume.
     atomic_write_text(out_dir / f"{job.name}.json", json.dumps(record))
     return record
@@ -220,14 +234,26 @@ class SkipSample(Exception):
     """Raised by a sample maker for an input that is safe to skip; the reason is reported."""
 
 
-def _finished_record(out_dir: Path, job: ShardJob) -> dict[str, Any] | None:
+def _finished_record(out_dir: Path, job: ShardJob, make_sample: Callable[[Any], Any]) -> dict[str, Any] | None:
+    """The record of ``job``'s shard where a finished one is there (None: write it). A shard another
+    conversion made (other settings or items) is refused, not reused; records from before ``made_with`` are
+    reused as they were."""
     record_path = out_dir / f"{job.name}.json"
     if not (record_path.is_file() and (out_dir / job.name).is_file()):
         return None
     try:
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
     except json.JSONDecodeError:
         return None
+    before, now = record.get("made_with"), made_with(job, make_sample)
+    if before is not None and before != now:
+        differ = [f"{k}: {before.get(k, '-')} -> {now.get(k, '-')}" if k != "items_sha256" else
+                  "the samples it holds (other source files, split or --samples-per-shard)"
+                  for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+        raise ShardError(f"{out_dir / job.name}: a finished shard that another conversion wrote ({'; '.join(differ)}); "
+                         f"convert into another directory, or delete {out_dir}/{job.name.rsplit('-', 1)[0]}-* to "
+                         f"rewrite that split")
+    return record
 
 
 def write_split(out_dir: str | Path, jobs: Sequence[ShardJob], make_sample: Callable[[Any], dict[str, Any]],
@@ -241,7 +267,7 @@ def write_split(out_dir: str | Path, jobs: Sequence[ShardJob], make_sample: Call
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for job in jobs:
-        done = _finished_record(out_dir, job)
+        done = _finished_record(out_dir, job, make_sample)
         if done is not None:
             records[job.name] = done
         else:
@@ -299,6 +325,17 @@ def write_manifest(out_dir: str | Path, *, dataset: str, findings: Sequence[str]
 #: What splits of one directory must share (with the defaults of manifests written before the key).
 _SHARED = {"findings": None, "label_sets": None, "label_kind": "multilabel", "image_size": None, "channels": 1,
            "image_format": "png", "tokenizer": None}
+
+
+def check_directory(out_dir: str | Path, splits: Sequence[str], *, findings: Sequence[str], label_sets: Sequence[str],
+                    image_size: int, tokenizer: dict[str, Any] | None = None, channels: int = 1,
+                    image_format: str = "png", label_kind: str = "multilabel") -> None:
+    """Before a conversion writes anything: refuse (:class:`ShardError`) a directory whose other splits were
+    converted with other findings, label sets or image settings, as :func:`write_manifest` would after the last
+    shard (hours into a MIMIC-CXR conversion)."""
+    _kept_splits(Path(out_dir) / MANIFEST, {
+        "findings": list(findings), "label_sets": list(label_sets), "label_kind": label_kind, "image_size": image_size,
+        "channels": channels, "image_format": image_format, "tokenizer": tokenizer, "splits": dict.fromkeys(splits)})
 
 
 def _kept_splits(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -96,9 +96,12 @@ def sha256_file(path: str | Path) -> str:
 
 
 def write_splits(out: str | Path, items: dict[str, Sequence[Any]], make_sample: Callable[[Any], dict[str, Any]],
-                 samples_per_shard: int, workers: int) -> tuple[dict[str, list[dict[str, Any]]], int]:
-    """Write every split's shards (finished ones are kept: resumable); returns records per split, reused count."""
+                 samples_per_shard: int, workers: int, head: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], int]:
+    """Write every split's shards (finished ones are kept: resumable); returns records per split, reused count.
+    ``head``: what the manifest will say of every split (findings, label sets, image settings), checked against
+    the directory's other splits before the first shard (:func:`shards.check_directory`)."""
     out = Path(out)
+    shards.check_directory(out, [split for split, split_items in items.items() if split_items], **head)
     records, reused = {}, 0
     for split, split_items in items.items():
         if not split_items:

@@ -324,19 +324,19 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
             Item(sources[j], key, splits[j], stacked[j].tobytes(), None if truth is None else truth[j].tobytes()))
     items = dict(sorted(items.items(), key=lambda kv: (list(SPLIT_NAMES.values()).index(kv[0])
                                                        if kv[0] in SPLIT_NAMES.values() else 99, kv[0])))
-    make = functools.partial(make_sample, npz=str(npz) if npz else None, npz_images=npz_images, k=k,
+    make = functools.partial(make_sample, npz=str(Path(npz).resolve()) if npz else None, npz_images=npz_images, k=k,
                              image_size=size, color=color, aspect=aspect, image_format=image_format)
-    records, reused = common.write_splits(out, items, make, samples_per_shard, workers)
+    head = dict(findings=names, label_sets=label_sets, image_size=size, channels=3 if color == "rgb" else 1,
+                image_format=image_format, label_kind="multilabel" if multi_label else "multiclass")
+    records, reused = common.write_splits(out, items, make, samples_per_shard, workers, head)
     name = dataset or Path(images or npz).name.split(".")[0]
     source = {"images": str(Path(images).resolve()) if images else None, "aspect": aspect,
               "npz": str(Path(npz).resolve()) if npz else None, "npz_sha256": common.sha256_file(npz) if npz else None,
               "labels_csv_sha256": common.sha256_file(labels_csv) if labels_csv else None,
               "multi_label": multi_label, "seed": seed, "simulated_annotators": simulated,
               "votes_sha256": common.sha256_file(votes) if votes else None}
-    shards.write_manifest(out, dataset=name, findings=names, label_sets=label_sets, splits=records, image_size=size,
-                          source=source, channels=3 if color == "rgb" else 1, image_format=image_format,
-                          has_truth={s: truth is not None for s in records},
-                          label_kind="multilabel" if multi_label else "multiclass")
+    shards.write_manifest(out, dataset=name, splits=records, **head, source=source,
+                          has_truth={s: truth is not None for s in records})
     extra = {"annotators": {a: {k2: v for k2, v in d.items() if k2 != "confusion_matrix"} for a, d in simulated.items()}}
     report = common.build_report(name, records, reused, Counter({a: b for a, b in dropped.items() if b}), extra, unmatched)
     return common.finish(out, report)

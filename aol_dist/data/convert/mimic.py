@@ -201,11 +201,14 @@ def convert_mimic(root: str | Path, out: str | Path, *, reports: str | Path | No
     if hand_gold and not hand_labels:
         raise common.ConversionError("--hand-gold needs --hand-labels (the hand-labelled studies to take them from)")
     items, dropped, checksums = plan(root, hand_labels, hand_split, hand_gold, gold_split)
-    make = functools.partial(make_sample, root=str(root), reports=str(reports or root), image_size=image_size,
-                             aspect=aspect, image_format=image_format, tokenizer=tokenizer, max_length=max_length)
-    records, reused = common.write_splits(out, items, make, samples_per_shard, workers)
-    shards.write_manifest(out, dataset="mimic-cxr-jpg", findings=FINDINGS, label_sets=LABEL_SETS, splits=records,
-                          image_size=image_size, tokenizer=token_info, image_format=image_format,
+    # resolved: a resumed conversion given the same folders by another path reuses its finished shards
+    make = functools.partial(make_sample, root=str(Path(root).resolve()), reports=str(Path(reports or root).resolve()),
+                             image_size=image_size, aspect=aspect, image_format=image_format, tokenizer=tokenizer,
+                             max_length=max_length)
+    head = dict(findings=FINDINGS, label_sets=LABEL_SETS, image_size=image_size, tokenizer=token_info,
+                image_format=image_format)
+    records, reused = common.write_splits(out, items, make, samples_per_shard, workers, head)
+    shards.write_manifest(out, dataset="mimic-cxr-jpg", splits=records, **head,
                           source={"root": str(Path(root).resolve()), "csv_sha256": checksums, "aspect": aspect,
                                   "view_preference": list(FRONTAL)},
                           has_truth={hand_split: True, **({gold_split: True} if hand_gold else {})} if hand_labels else None)

@@ -247,14 +247,13 @@ def convert_openi(reports: str | Path, images: str | Path, out: str | Path, *, p
     items, stats = plan(reports, images, projections)
     make = functools.partial(make_sample, image_size=image_size, aspect=aspect, image_format=image_format,
                              tokenizer=tokenizer, max_length=max_length)
-    records, reused = common.write_splits(out, {split: items}, make, samples_per_shard, workers)
+    head = dict(findings=FINDINGS, label_sets=(), image_size=image_size, tokenizer=token_info, image_format=image_format)
+    records, reused = common.write_splits(out, {split: items}, make, samples_per_shard, workers, head)
     source = {"reports": str(Path(reports).resolve()), "images": str(Path(images).resolve()), "aspect": aspect,
               "mesh_rules": len(MESH_RULES)}
     if Path(reports).is_file():
         source["reports_sha256"] = common.sha256_file(reports)
-    shards.write_manifest(out, dataset="openi", findings=FINDINGS, label_sets=(), splits=records,
-                          image_size=image_size, tokenizer=token_info, image_format=image_format, source=source,
-                          has_truth={split: True})
+    shards.write_manifest(out, dataset="openi", splits=records, **head, source=source, has_truth={split: True})
     extra = {"image_views_listed": dict(stats["views"]),
              "unmapped_mesh_terms": dict(stats["unmapped"].most_common())}
     report = common.build_report("openi", records, reused, stats["dropped"], extra, stats["failed"])
