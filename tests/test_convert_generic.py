@@ -169,7 +169,7 @@ def folder(tmp_path):
     return tmp_path
 
 
-def test_image_folder_with_multi_label_columns(folder):
+def test_image_folder_with_multi_label_columns(folder, monkeypatch):
     report = convert_generic(folder / "out", images=str(folder / "img"), labels_csv=str(folder / "labels.csv"),
                              id_column="Image Index", label_columns=["Finding Labels", "Reader B"], multi_label=True,
                              split_from_folder=True, image_size=16, workers=1)
@@ -183,6 +183,12 @@ def test_image_folder_with_multi_label_columns(folder):
     assert s["findings"] == ["Cardiomegaly", "Effusion", "No Finding"]
     assert s["splits"]["train"]["prevalence"]["Finding Labels"] == pytest.approx([2 / 3, 1 / 3, 1 / 3], abs=1e-3)
     assert s["splits"]["train"]["agreement"]["Finding Labels|Reader B"] == pytest.approx(8 / 9, abs=1e-3)
+    # a re-run naming the same folder by a relative path reuses every finished shard (shards.made_with)
+    monkeypatch.chdir(folder)
+    again = convert_generic(folder / "out", images="img", labels_csv=str(folder / "labels.csv"), id_column="Image Index",
+                            label_columns=["Finding Labels", "Reader B"], multi_label=True, split_from_folder=True,
+                            image_size=16, workers=1)
+    assert again["reused_shards"] == 3 and again["kept"] == report["kept"]
 
 
 def test_unknown_class_and_missing_column_name_where(folder):

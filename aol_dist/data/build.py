@@ -33,7 +33,8 @@ def build_synth(out: str | Path, n_train: int = 4000, n_validate: int = 500, n_t
                 tokenizer: str = "", max_length: int = 128) -> dict[str, Any]:
     """Write train / validate / test shards and the manifest; resumable, one process per shard."""
     record = tokenizer_record(tokenizer, max_length) if tokenizer else None
-    make = functools.partial(synth_sample, seed=seed, image_size=image_size, tokenizer=tokenizer, max_length=max_length)
+    make = functools.partial(synth_sample, seed=seed, image_size=image_size, tokenizer=record and record["path"],
+                             max_length=max_length)
     records, reused = {}, 0
     sizes = {"train": n_train, "validate": n_validate, "test": n_test}
     head = dict(findings=FINDINGS, label_sets=LABEL_SETS, image_size=image_size, tokenizer=record)

@@ -174,6 +174,9 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
                     image_format: str = "png", samples_per_shard: int = 1000, workers: int = 1, seed: int = 0,
                     dataset: str | None = None) -> dict[str, Any]:
     """Convert, write the manifest and ``conversion_report.json``; returns the report."""
+    # resolved: the shards' records name the images by path, and a resumed conversion given the same folder
+    # by another path must reuse its finished shards (shards.made_with)
+    images = str(Path(images).resolve()) if images else None
     sources, ids, native = _sources(images, npz, npz_images)
     size = image_size or native or 256
     dropped: Counter = Counter()

@@ -203,8 +203,8 @@ def convert_mimic(root: str | Path, out: str | Path, *, reports: str | Path | No
     items, dropped, checksums = plan(root, hand_labels, hand_split, hand_gold, gold_split)
     # resolved: a resumed conversion given the same folders by another path reuses its finished shards
     make = functools.partial(make_sample, root=str(Path(root).resolve()), reports=str(Path(reports or root).resolve()),
-                             image_size=image_size, aspect=aspect, image_format=image_format, tokenizer=tokenizer,
-                             max_length=max_length)
+                             image_size=image_size, aspect=aspect, image_format=image_format,
+                             tokenizer=token_info and token_info["path"], max_length=max_length)
     head = dict(findings=FINDINGS, label_sets=LABEL_SETS, image_size=image_size, tokenizer=token_info,
                 image_format=image_format)
     records, reused = common.write_splits(out, items, make, samples_per_shard, workers, head)

@@ -244,9 +244,10 @@ def convert_openi(reports: str | Path, images: str | Path, out: str | Path, *, p
     if not Path(images).is_dir():
         raise common.ConversionError(f"{images}: image directory not found")
     token_info = tokenizer_record(tokenizer, max_length) if tokenizer else None
-    items, stats = plan(reports, images, projections)
+    # resolved: a resumed conversion given the same folders by another path reuses its finished shards
+    items, stats = plan(reports, Path(images).resolve(), projections)
     make = functools.partial(make_sample, image_size=image_size, aspect=aspect, image_format=image_format,
-                             tokenizer=tokenizer, max_length=max_length)
+                             tokenizer=token_info and token_info["path"], max_length=max_length)
     head = dict(findings=FINDINGS, label_sets=(), image_size=image_size, tokenizer=token_info, image_format=image_format)
     records, reused = common.write_splits(out, {split: items}, make, samples_per_shard, workers, head)
     source = {"reports": str(Path(reports).resolve()), "images": str(Path(images).resolve()), "aspect": aspect,
