@@ -33,7 +33,7 @@ from torch import nn
 
 from aol_dist import dist as D
 from aol_dist.config import WRITTEN_BEFORE, Config, git_revision, to_toml
-from aol_dist.data.shards import atomic_write_text
+from aol_dist.writes import atomic_write_text
 from aol_dist.writes import writing
 
 CHECKPOINTS = "checkpoints"

@@ -33,7 +33,7 @@ def _shards_verify(args: argparse.Namespace) -> int:
 
 
 def _shards_inspect(args: argparse.Namespace) -> int:
-    from aol_dist.data.shards import inspect
+    from aol_dist.data.label_stats import inspect
 
     summary = inspect(args.dir)
     if args.json:

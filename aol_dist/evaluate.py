@@ -123,7 +123,7 @@ def auc_csv(result: dict[str, Any]) -> str:
 
 
 def write_results(run_dir: Path, split: str, result: dict[str, Any]) -> None:
-    from aol_dist.data.shards import atomic_write_text
+    from aol_dist.writes import atomic_write_text
 
     atomic_write_text(run_dir / f"auc_{split}.json", json.dumps(result, indent=1))
     atomic_write_text(run_dir / f"auc_{split}.csv", auc_csv(result))

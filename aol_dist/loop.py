@@ -19,7 +19,8 @@ from aol_dist import dist as D
 from aol_dist.config import Config
 from aol_dist.data.convert.tokenize import check_tokenizer
 from aol_dist.data.gold import load_gold
-from aol_dist.data.shards import atomic_write_text, label_shape, read_manifest, split_shards
+from aol_dist.data.shards import label_shape, read_manifest, split_shards
+from aol_dist.writes import atomic_write_text
 from aol_dist.data.stream import EvalStream, TrainStream, in_order, make_loader, to_device
 from aol_dist.evaluate import evaluate, write_results
 from aol_dist.faults import StepGuard

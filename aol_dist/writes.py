@@ -5,12 +5,16 @@ checkpoints, results, plots). :func:`writing` wraps such a write: on a failure (
 a permission) it removes the temporary file or directory and raises :class:`WriteError`, whose message
 names the path and the cause ("no space left on device while writing runs/r.incomplete/checkpoints/...").
 What was written before under final names stays as it was, so a re-run resumes from there.
+:func:`atomic_write_text` / :func:`atomic_write_bytes` are that for a whole file in memory; every stage
+imports them from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -80,3 +84,28 @@ def writing(path: str | Path, tmp: str | Path | None = None) -> Iterator[None]:
 def _looks_like_io(error: RuntimeError) -> bool:
     text = str(error)
     return any(s in text for s in ("inline_container", "unexpected pos", "file write failed", "PytorchStreamWriter"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name and rename; a failed write is a one-line :class:`WriteError`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with writing(path, tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary name and rename, so ``path`` is whole or absent."""
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

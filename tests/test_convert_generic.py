@@ -9,7 +9,8 @@ from aol_dist.data.convert import annotators as ann
 from aol_dist.data.convert.common import ConversionError
 from aol_dist.data.convert.generic import convert_generic
 from aol_dist.data.convert.images import from_array, load_image
-from aol_dist.data.shards import SkipSample, inspect, read_manifest, split_shards, verify
+from aol_dist.data.label_stats import inspect
+from aol_dist.data.shards import SkipSample, read_manifest, split_shards, verify
 from aol_dist.data.stream import EvalStream
 from fixtures_data import radiograph, save_jpeg
 

@@ -17,8 +17,8 @@ from aol_dist.data.convert.common import ConversionError
 from aol_dist.data.convert.mimic import convert_mimic
 from aol_dist.data.convert.tokenize import TokenizerMismatch, check_tokenizer
 from aol_dist.data.findings import FINDINGS, LABEL_SETS
-from aol_dist.data.shards import (ShardError, decode_array, inspect, iter_tar_samples, read_manifest, split_shards,
-                                  verify)
+from aol_dist.data.label_stats import inspect
+from aol_dist.data.shards import ShardError, decode_array, iter_tar_samples, read_manifest, split_shards, verify
 from aol_dist.data.stream import EvalStream, TrainStream
 from fixtures_data import build_mimic_tree, make_tokenizer, rewrite_csv
 

@@ -11,7 +11,8 @@ import torch
 from aol_dist.cli import main as cli
 from aol_dist.data.convert.openi import MESH_RULES, convert_openi, map_term, truth_from_mesh, view_from_caption
 from aol_dist.data.findings import FINDINGS
-from aol_dist.data.shards import inspect, read_manifest, split_shards, verify
+from aol_dist.data.label_stats import inspect
+from aol_dist.data.shards import read_manifest, split_shards, verify
 from aol_dist.data.stream import EvalStream, make_loader
 from fixtures_data import write_openi
 

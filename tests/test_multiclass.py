@@ -16,6 +16,7 @@ from aol_dist.config import ConfigError, MethodConfig, config_from_dict, load_co
 from aol_dist.data import shards
 from aol_dist.data.convert.common import ConversionError
 from aol_dist.data.convert.generic import convert_generic
+from aol_dist.data.label_stats import inspect
 from aol_dist.data.shards import label_kind, read_manifest, split_shards
 from aol_dist.data.stream import EvalStream, make_loader
 from aol_dist.evaluate import evaluate
@@ -310,7 +311,7 @@ def test_inspect_reports_per_image_noise_and_agreement(mc_npz, tmp_path, capsys)
 
     path, y, a, b = mc_npz
     convert_generic(tmp_path / "mc", npz=str(path), npz_truth="y", npz_labels=["a", "b"], samples_per_shard=16)
-    summary = shards.inspect(tmp_path / "mc")
+    summary = inspect(tmp_path / "mc")
     assert summary["label_kind"] == "multiclass"
     per_image = summary["splits"]["train"]["per_image"]
     assert per_image["noise_vs_truth"] == {"a": pytest.approx(8 / 48, abs=1e-4), "b": pytest.approx(12 / 48, abs=1e-4)}

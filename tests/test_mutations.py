@@ -14,7 +14,8 @@ import pytest
 
 from aol_dist import dist as D
 from aol_dist.data import shards
-from aol_dist.data.shards import ShardError, inspect, label_shape, read_manifest, split_shards, verify
+from aol_dist.data.label_stats import inspect
+from aol_dist.data.shards import ShardError, label_shape, read_manifest, split_shards, verify
 from aol_dist.data.stream import EvalStream, TrainStream, make_loader
 from helpers import FINDINGS, LABEL_SETS, fake_sample
 

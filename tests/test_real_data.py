@@ -12,7 +12,8 @@ from aol_dist.data.convert import openi
 from aol_dist.data.convert.generic import IMAGE_SUFFIXES, convert_generic
 from aol_dist.data.convert.images import load_image
 from aol_dist.data.findings import FINDINGS
-from aol_dist.data.shards import inspect, read_manifest, verify
+from aol_dist.data.label_stats import inspect
+from aol_dist.data.shards import read_manifest, verify
 from fixtures_data import SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(),

@@ -9,7 +9,8 @@ import pytest
 import webdataset as wds
 
 from aol_dist.data import shards
-from aol_dist.data.shards import ShardError, inspect, verify
+from aol_dist.data.label_stats import inspect
+from aol_dist.data.shards import ShardError, verify
 from helpers import write_fake_shards
 
 

@@ -161,7 +161,7 @@ def _csv_gz(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     import csv
     import io
 
-    from aol_dist.data.shards import atomic_write_bytes
+    from aol_dist.writes import atomic_write_bytes
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -182,7 +182,7 @@ def write_outputs(out: Path, split: str, rows: dict[str, Any], label_sets: list[
     from aol_dist.audit import plots
     from aol_dist.audit.quality import label_quality, relabel_summary, wrong_labels
     from aol_dist.audit.scores import wrong_entries
-    from aol_dist.data.shards import atomic_write_text
+    from aol_dist.writes import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     n = len(rows["key"])

@@ -1,4 +1,5 @@
-"""WebDataset tar shards and their manifest: writing (parallel, resumable, atomic), verify, inspect.
+"""WebDataset tar shards and their manifest: writing (parallel, resumable, atomic) and verify
+(``aol shards inspect``: data/label_stats.py).
 
 One sample = one frontal image (8-bit grey or RGB, PNG or JPEG, resized once at conversion), the M
 label vectors as one ``(M, N)`` uint8 array (names in the manifest; M may be 0 for an evaluation-only
@@ -11,7 +12,7 @@ Layout of a shard directory::
 
     DIR/manifest.json                 splits -> shards -> sample counts and sha256
     DIR/<split>-000000.tar            finished shard (only ever appears by rename)
-    DIR/<split>-000000.tar.json       its record: samples, sha256, skipped samples
+    DIR/<split>-000000.tar.json       its record: samples, sha256, skipped samples, what made it
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 
 from aol_dist.data.images import IMAGE_FORMATS, decode_image, encode_image, image_entry  # noqa: F401 (re-exported)
 from aol_dist.data.tario import TarFormatError, decode_npy, iter_members
-from aol_dist.writes import writing
+from aol_dist.writes import atomic_write_text, sha256_file, writing
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -149,30 +150,6 @@ def split_shards(shard_dir: str | Path, manifest: dict[str, Any], split: str) ->
 # --------------------------------------------------------------------------- writing
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name and rename; a failed write is a one-line :class:`WriteError`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with writing(path, tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary name and rename, so ``path`` is whole or absent."""
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class ShardJob:
     """One shard to write: its file name and the source items it holds (indices, paths, ...)."""
@@ -223,7 +200,7 @@ def write_shard(out_dir: Path, job: ShardJob, make_sample: Callable[[Any], dict[
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(tmp, final)
-    record = {"name": job.name, "samples": count, "sha256": _sha256(final), "skipped": skipped, "notes": notes,
+    record = {"name": job.name, "samples": count, "sha256": sha256_file(final), "skipped": skipped, "notes": notes,
               "made_with": made_with(job, make_sample)}
     # The record is written after the shard: a shard without a record is redone on resume.
     atomic_write_text(out_dir / f"{job.name}.json", json.dumps(record))
@@ -400,7 +377,7 @@ def verify(shard_dir: str | Path) -> dict[str, int]:
             path = shard_dir / entry["name"]
             if not path.is_file():
                 raise ShardError(f"{path}: missing (listed in the manifest)")
-            if _sha256(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise ShardError(f"{path}: checksum differs from the manifest")
             seen = 0
             for raw in iter_tar_samples(path):
@@ -423,64 +400,3 @@ def verify(shard_dir: str | Path) -> dict[str, int]:
             total += seen
         counts[split] = total
     return counts
-
-
-def inspect(shard_dir: str | Path) -> dict[str, Any]:
-    """Counts, prevalence per label set and finding, and agreement between label sets, per split.
-
-    Per finding, ``agreement`` and ``accuracy_vs_truth`` count matching entries. On multi-class data, where
-    those per-class figures hide how often an image's class is wrong (a 17 % per-image noise reads as 0.97
-    per class with K = 10), ``per_image`` adds, per split, each label set's noise rate against the truth
-    (fraction of images whose class differs from the true class) and the per-image agreement: the
-    fraction of images on which all label sets name the same class, and each pair's.
-    """
-    shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
-    names = list(manifest["label_sets"])
-    kind = label_kind(manifest)
-    out: dict[str, Any] = {"dataset": manifest["dataset"], "label_sets": names, "findings": manifest["findings"],
-                           "label_kind": kind, "image_size": manifest["image_size"],
-                           "tokenizer": manifest["tokenizer"], "splits": {}}
-    for split, info in manifest["splits"].items():
-        labels, truths = [], []
-        for path, count in split_shards(shard_dir, manifest, split):
-            seen = 0
-            for raw in iter_tar_samples(path):
-                labels.append(decode_array(raw["labels.npy"]))
-                truth = decode_array(raw["truth.npy"]) if "truth.npy" in raw else None
-                check_labels(labels[-1], truth, label_shape(manifest), f"{path}: sample {raw['__key__']}")
-                if truth is not None:
-                    truths.append(truth)
-                seen += 1
-            check_count(path, seen, count)
-        summary: dict[str, Any] = {"samples": len(labels), "shards": len(info["shards"]), "skipped": info.get("skipped", 0)}
-        if labels:
-            y = np.stack(labels).astype(np.float64)  # (S, M, N)
-            summary["prevalence"] = {name: y[:, i].mean(0).round(4).tolist() for i, name in enumerate(names)}
-            summary["agreement"] = {f"{a}|{b}": float((y[:, i] == y[:, j]).mean().round(4))
-                                    for i, a in enumerate(names) for j, b in enumerate(names) if i < j}
-            if truths and len(truths) == len(labels):
-                t = np.stack(truths).astype(np.float64)
-                summary["prevalence"]["truth"] = t.mean(0).round(4).tolist()
-                summary["accuracy_vs_truth"] = {name: (y[:, i] == t).mean(0).round(4).tolist()
-                                                for i, name in enumerate(names)}
-            if kind == "multiclass" and names:
-                summary["per_image"] = _per_image(y, np.stack(truths) if truths and len(truths) == len(labels)
-                                                  else None, names)
-        out["splits"][split] = summary
-    return out
-
-
-def _per_image(y: np.ndarray, truth: np.ndarray | None, names: list[str]) -> dict[str, Any]:
-    """Multi-class label sets (S, M, K) one-hot -> per-image noise vs truth and per-image agreement."""
-    classes = y.argmax(-1)  # (S, M)
-    out: dict[str, Any] = {
-        "all_agree": float((classes == classes[:, :1]).all(1).mean().round(4)),
-        "agreement": {f"{a}|{b}": float((classes[:, i] == classes[:, j]).mean().round(4))
-                      for i, a in enumerate(names) for j, b in enumerate(names) if i < j},
-    }
-    if truth is not None:
-        true_class = truth.argmax(-1)
-        out["noise_vs_truth"] = {name: float((classes[:, i] != true_class).mean().round(4))
-                                 for i, name in enumerate(names)}
-    return out

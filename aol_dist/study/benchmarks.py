@@ -122,7 +122,8 @@ def build_benchmark(name: str, out: str | Path, scale: Scale = Scale(), workers:
     """Build benchmark ``name`` into ``out`` (resumable) or reuse it when built from the same spec; returns the
     manifest. Raises :class:`BenchmarkUnavailable` when its files are absent, ``ValueError`` when ``out``
     holds a build of another spec."""
-    from aol_dist.data.shards import MANIFEST, atomic_write_text, read_manifest
+    from aol_dist.data.shards import MANIFEST, read_manifest
+    from aol_dist.writes import atomic_write_text
 
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")

@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     summary = {**summary, "trust": trust_summary(rows, keys={r.key for r in runs}), "preset": preset.name,
                "settings": list(settings),
                "per_benchmark": {b: list(v) for b, v in preset.per_benchmark.items()}, "skipped": skipped}
-    from aol_dist.data.shards import atomic_write_text
+    from aol_dist.writes import atomic_write_text
     from aol_dist.study.plots import study_plot
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -138,7 +138,7 @@ def _write_settings(out: Path, preset: str, settings: tuple[str, ...], per_bench
     import tomli_w
 
     from aol_dist.config import ConfigError, load_config, parse_overrides
-    from aol_dist.data.shards import atomic_write_text
+    from aol_dist.writes import atomic_write_text
 
     try:
         config = load_config(None, list(settings))

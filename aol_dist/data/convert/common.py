@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import math
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from aol_dist.data import shards
+from aol_dist.writes import atomic_write_text
 
 REPORT = "conversion_report.json"
 #: Kept-sample notes listed one by one in the report; beyond this only their count per kind.
@@ -84,14 +84,6 @@ def parse_mention(value: str | None, path: Path, row: int, column: str) -> float
     return v
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -148,7 +140,7 @@ def build_report(dataset: str, records: dict[str, list[dict[str, Any]]], reused:
 
 def finish(out: str | Path, report: dict[str, Any], stream: TextIO | None = None) -> dict[str, Any]:
     """Write ``OUT/conversion_report.json`` (atomically) and print its summary."""
-    shards.atomic_write_text(Path(out) / REPORT, json.dumps(report, indent=1))
+    atomic_write_text(Path(out) / REPORT, json.dumps(report, indent=1))
     print_report(report, Path(out), stream or sys.stdout)
     return report
 

@@ -41,6 +41,7 @@ from aol_dist.data import shards
 from aol_dist.data.convert import annotators as ann
 from aol_dist.data.convert import common
 from aol_dist.data.convert.images import from_array, load_image
+from aol_dist.writes import sha256_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "training": "train", "valid": "validate", "val": "validate",
@@ -334,10 +335,10 @@ def convert_generic(out: str | Path, *, images: str | None = None, npz: str | No
     records, reused = common.write_splits(out, items, make, samples_per_shard, workers, head)
     name = dataset or Path(images or npz).name.split(".")[0]
     source = {"images": str(Path(images).resolve()) if images else None, "aspect": aspect,
-              "npz": str(Path(npz).resolve()) if npz else None, "npz_sha256": common.sha256_file(npz) if npz else None,
-              "labels_csv_sha256": common.sha256_file(labels_csv) if labels_csv else None,
+              "npz": str(Path(npz).resolve()) if npz else None, "npz_sha256": sha256_file(npz) if npz else None,
+              "labels_csv_sha256": sha256_file(labels_csv) if labels_csv else None,
               "multi_label": multi_label, "seed": seed, "simulated_annotators": simulated,
-              "votes_sha256": common.sha256_file(votes) if votes else None}
+              "votes_sha256": sha256_file(votes) if votes else None}
     shards.write_manifest(out, dataset=name, splits=records, **head, source=source,
                           has_truth={s: truth is not None for s in records})
     extra = {"annotators": {a: {k2: v for k2, v in d.items() if k2 != "confusion_matrix"} for a, d in simulated.items()}}

@@ -31,6 +31,7 @@ from aol_dist.data import shards
 from aol_dist.data.convert import common
 from aol_dist.data.convert.images import load_image
 from aol_dist.data.findings import FINDINGS, LABEL_SETS, LABELERS, label_sets_from_raw
+from aol_dist.writes import sha256_file
 
 TABLES = {"chexpert": "mimic-cxr-2.0.0-chexpert", "negbio": "mimic-cxr-2.0.0-negbio",
           "metadata": "mimic-cxr-2.0.0-metadata", "split": "mimic-cxr-2.0.0-split"}
@@ -143,7 +144,7 @@ def plan(root: str | Path, hand_labels: str | Path | None = None, hand_split: st
                 dropped["hand_labelled_studies_not_converted"] += 1
         if hand_gold:
             out[gold_split], out[hand_split] = split_gold(out[hand_split], hand_gold, Path(hand_labels))
-    checksums = {p.name: common.sha256_file(p) for p in paths.values()}
+    checksums = {p.name: sha256_file(p) for p in paths.values()}
     return out, Counter({k: v for k, v in dropped.items() if v}), checksums
 
 

@@ -34,6 +34,7 @@ from aol_dist.data import shards
 from aol_dist.data.convert import common
 from aol_dist.data.convert.images import load_image
 from aol_dist.data.findings import FINDINGS
+from aol_dist.writes import sha256_file
 
 #: Rules in order, first match wins: (MeSH heading, findings, qualifiers of which one is required,
 #: qualifiers that exclude the rule). A major term is "Heading/qualifier/qualifier/..."; matching is
@@ -253,7 +254,7 @@ def convert_openi(reports: str | Path, images: str | Path, out: str | Path, *, p
     source = {"reports": str(Path(reports).resolve()), "images": str(Path(images).resolve()), "aspect": aspect,
               "mesh_rules": len(MESH_RULES)}
     if Path(reports).is_file():
-        source["reports_sha256"] = common.sha256_file(reports)
+        source["reports_sha256"] = sha256_file(reports)
     shards.write_manifest(out, dataset="openi", splits=records, **head, source=source, has_truth={split: True})
     extra = {"image_views_listed": dict(stats["views"]),
              "unmapped_mesh_terms": dict(stats["unmapped"].most_common())}
