@@ -194,21 +194,25 @@ def test_loop_state_resumed_inside_the_reported_window_reports_what_an_uninterru
     torch.testing.assert_close(whole.right_sum, sum(o["right"].double().mean(0) for o in outs[4:]))
 
 
-def test_three_ranks_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("launch", ["default", "deepspeed_zero2"])
+def test_three_ranks_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, launch):
     """Exact resume beyond two ranks: 3 ranks, 96 samples in 6 shards (8 steps an epoch at batch 4), the same
-    kill after the step-5 checkpoint; every parameter, log record and attention.json as uninterrupted. With
-    train.ddp_fixed_buckets: without it, DDP's bucket rebuild after the first step of the resumed process sums
-    that step's gradients in another grouping, and the runs part by float rounding (docs/distributed.md)."""
+    kill after the step-5 checkpoint; every parameter, log record and attention.json as uninterrupted. The
+    default launch with train.ddp_fixed_buckets: without it, DDP's bucket rebuild after the first step of the
+    resumed process sums that step's gradients in another grouping, and the runs part by float rounding
+    (docs/distributed.md). ZeRO-2 needs nothing: its optimizer state, partitioned unevenly over 3 ranks, comes
+    back whole through DeepSpeed's checkpoint (compared with an uninterrupted ZeRO-2 run)."""
     from helpers import write_fake_shards
 
     shards = tmp_path / "shards"
     write_fake_shards(shards, {"train": [16] * 6, "test": [8, 8]})
     runs = tmp_path / "runs"
-    fixed = {"ddp_fixed_buckets": True}
-    run_gloo(_train, 3, shards, runs, "whole", fixed)
+    ds_json = _deepspeed_zero2(tmp_path) if launch == "deepspeed_zero2" else ""
+    fixed = {} if ds_json else {"ddp_fixed_buckets": True}
+    run_gloo(_train, 3, shards, runs, "whole", fixed, ds_json)
     with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
-        run_gloo(_train, 3, shards, runs, "cut", {**fixed, "debug_fault": f"kill:2:{KILL_AT}"})
-    run_gloo(_train, 3, shards, runs, "cut", {**fixed, "resume": "latest"})
+        run_gloo(_train, 3, shards, runs, "cut", {**fixed, "debug_fault": f"kill:2:{KILL_AT}"}, ds_json)
+    run_gloo(_train, 3, shards, runs, "cut", {**fixed, "resume": "latest"}, ds_json)
     whole, cut = runs / "whole", runs / "cut"
     a, b = (torch.load(r / "model.pt", weights_only=True) for r in (whole, cut))
     for part in ("model", "attention"):
@@ -216,4 +220,5 @@ def test_three_ranks_killed_and_resumed_equal_an_uninterrupted_run(tmp_path):
     keys = ("step", "epoch", "loss", "attention", "estimated_accuracy")
     assert [[r[k] for k in keys] for r in _log(whole)] == [[r[k] for k in keys] for r in _log(cut)]
     assert json.loads((whole / "attention.json").read_text()) == json.loads((cut / "attention.json").read_text())
-    assert torch.load(checkpoint.list_checkpoints(cut)[-1] / "state.pt", weights_only=True)["world_size"] == 3
+    state = torch.load(checkpoint.list_checkpoints(cut)[-1] / "state.pt", weights_only=True)
+    assert state["world_size"] == 3 and (state["optimizers"] == {}) == bool(ds_json)
