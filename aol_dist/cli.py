@@ -231,12 +231,15 @@ def _add_bench_step(bench: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from aol_dist.checkpoint import WeightsMismatch
+    from aol_dist.data.shards import ShardError
     from aol_dist.writes import WriteError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (WriteError, WeightsMismatch) as e:  # a full disk, a permission, a run of another version: one line
+    # a full disk, a permission, a run of another version, shards that do not fit (another conversion's,
+    # a bad sample): one line naming the file
+    except (WriteError, WeightsMismatch, ShardError) as e:
         print(f"aol {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aol_dist.cli import main as cli
 from aol_dist.data.convert import annotators as ann
 from aol_dist.data.convert.common import ConversionError
 from aol_dist.data.convert.generic import convert_generic
@@ -203,12 +204,20 @@ def test_unknown_class_and_missing_column_name_where(folder):
         convert_generic(folder / "out", label_columns=["Reader C"], **kw)
 
 
-def test_rerun_reuses_finished_shards(npz, tmp_path):
+def test_rerun_reuses_finished_shards(npz, tmp_path, capsys):
     kw = dict(npz=str(npz / "tiny.npz"), npz_truth="y", annotators=["hs:0.2", "oc:0.2"], samples_per_shard=20)
     convert_generic(tmp_path / "out", **kw)
     first = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")}
     (tmp_path / "out" / "train-000002.tar").unlink()
     assert convert_generic(tmp_path / "out", **kw)["reused_shards"] == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == first
+    # the same command at another image size: refused in one line, the shards untouched
+    assert cli(["shards", "generic", "--out", str(tmp_path / "out"), "--npz", kw["npz"], "--npz-truth", "y",
+                "--annotators", "hs:0.2", "oc:0.2", "--samples-per-shard", "20", "--image-size", "16",
+                "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path}/out/train-000000.tar: a finished shard that another conversion wrote "
+                          "(") and "image_size: " in err and "\n" not in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == first
 
 

@@ -131,7 +131,7 @@ def test_the_fast_png_decoder_equals_pil(mode, shape):
     assert np.array_equal(decode_image(jpeg), decode_image_pil(jpeg))
 
 
-def test_a_conversion_with_other_settings_is_refused_before_it_writes_and_never_reuses_their_shards(tmp_path):
+def test_a_conversion_with_other_settings_is_refused_before_it_writes_and_never_reuses_their_shards(tmp_path, capsys):
     from aol_dist.data.build import build_synth
 
     out = tmp_path / "synth"
@@ -147,6 +147,13 @@ def test_a_conversion_with_other_settings_is_refused_before_it_writes_and_never_
         build_synth(out, 8, 0, 0, image_size=32, samples_per_shard=4)
     with pytest.raises(ShardError, match=r"\(the samples it holds \(other source files, split or --samples-per-shard\)"):
         build_synth(out, 8, 0, 0, image_size=16, samples_per_shard=3)
+    # the command says it in one line, no traceback
+    from aol_dist.cli import main
+    assert main(["shards", "synth", "--out", str(out), "--train", "8", "--validate", "0", "--test", "0",
+                 "--image-size", "32", "--samples-per-shard", "4", "--workers", "1"]) == 1
+    assert capsys.readouterr().err.strip() == (f"aol shards: {out}/train-000000.tar: a finished shard that another "
+                                               f"conversion wrote (image_size: 16 -> 32); convert into another "
+                                               f"directory, or delete {out}/train-* to rewrite that split")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # a record written before `made_with` existed is reused as before
     record = json.loads((out / "train-000000.tar.json").read_text())

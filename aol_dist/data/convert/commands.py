@@ -26,10 +26,11 @@ def _common(p: argparse.ArgumentParser, image_size: int | None = 256, tokens: bo
 
 def _run(fn: Callable[..., Any], **kwargs: Any) -> int:
     from aol_dist.data.convert.common import ConversionError
+    from aol_dist.data.shards import ShardError
 
     try:
         fn(**kwargs)
-    except (ConversionError, FileNotFoundError) as e:
+    except (ConversionError, ShardError, FileNotFoundError) as e:  # ShardError: a folder another conversion wrote
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
