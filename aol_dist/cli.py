@@ -128,7 +128,11 @@ def _eval(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from aol_dist.report import compare_runs, compare_table, make_console
 
-    comparison = compare_runs(args.runs, args.split, args.target)
+    try:
+        comparison = compare_runs(args.runs, args.split, args.target)
+    except (FileNotFoundError, ValueError) as e:  # a run without results, another target or other findings
+        print(f"aol compare: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(comparison))
     else:

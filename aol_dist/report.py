@@ -127,7 +127,7 @@ def compare_runs(runs: list[Any], split: str, target: str = "truth") -> dict[str
             raise FileNotFoundError(f"{path}: no results for split {split!r} in this run")
         result = json.loads(path.read_text())
         if target not in result["auc"]:
-            raise KeyError(f"{path}: no AUROC against {target!r}; has {sorted(result['auc'])}")
+            raise ValueError(f"{path}: no AUROC against {target!r}; has {sorted(result['auc'])}")
         if findings is not None and result["findings"] != findings:
             raise ValueError(f"{path}: findings differ from the first run's")
         findings = result["findings"]

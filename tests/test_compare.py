@@ -36,6 +36,13 @@ def test_compare_names_the_run_that_lacks_results(tmp_path):
     b = fake_run(tmp_path / "other", [0.9, 0.7], findings=("A", "C"))
     with pytest.raises(ValueError, match="findings differ"):
         compare_runs([a, b], "test")
+    with pytest.raises(ValueError, match=r"auc_test.json: no AUROC against 'negbio'; has \['s0', 'truth'\]"):
+        compare_runs([a], "test", "negbio")
+    # the command says it in one line
+    proc = subprocess.run([sys.executable, "-m", "aol_dist.cli", "compare", str(a), str(tmp_path / "gone")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"aol compare: {tmp_path / 'gone'}/auc_test.json: no results for split 'test' in this run"
 
 
 def test_trust_vs_truth_names_the_trusted_set_its_accuracy_and_skips_ties():
