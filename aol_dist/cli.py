@@ -96,6 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
     from aol_dist.finished_run import RunInputError, open_finished_run
     from aol_dist.parts import build_parts
     from aol_dist.report import auc_table
+    from aol_dist.writes import output_dir
 
     run = Path(args.run)
     try:
@@ -103,6 +104,8 @@ def _eval(args: argparse.Namespace) -> int:
     except RunInputError as e:
         print(f"aol eval: {e}", file=sys.stderr)
         return 2
+    if args.out:
+        output_dir(args.out)  # before the evaluation, not after it
     config, checkpoint, shard_dir, manifest = found.config, found.checkpoint, found.shard_dir, found.manifest
     names, index = found.label_sets, found.index
     world = dist.command_world()
@@ -119,7 +122,6 @@ def _eval(args: argparse.Namespace) -> int:
 
             make_console().print(auc_table(result, f"{shard_dir}:{split}"))
             if args.out:
-                Path(args.out).mkdir(parents=True, exist_ok=True)
                 write_results(Path(args.out), split, result)
     dist.shutdown(world)
     return 0
@@ -245,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     # a bad sample): one line naming the file
     except (WriteError, WeightsMismatch, ShardError) as e:
         print(f"aol {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an output folder that cannot be made, an input that is not there: the path, the cause
+        print(f"aol {args.command}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1
 
 

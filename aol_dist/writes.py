@@ -24,7 +24,8 @@ NEARLY_FULL = 1 << 20
 
 _CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
            errno.EIO: "input/output error", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-           errno.EROFS: "read-only file system"}
+           errno.EROFS: "read-only file system", errno.ENOTDIR: "a part of the path is a file, not a folder",
+           errno.ENOENT: "no such file or directory"}
 
 
 class WriteError(OSError):
@@ -85,6 +86,16 @@ def _looks_like_io(error: RuntimeError) -> bool:
     text = str(error)
     return any(s in text for s in ("inline_container", "unexpected pos", "file write failed", "PytorchStreamWriter"))
 
+
+def output_dir(path: str | Path) -> Path:
+    """Make ``path`` and its parents now, before the work whose results go there (an evaluation, an audit of
+    a large split); a folder that cannot be made is a one-line :class:`WriteError`, not a traceback at the end."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot make the output folder {path}: {cause(e, path)}") from None
+    return path
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary name and rename; a failed write is a one-line :class:`WriteError`."""

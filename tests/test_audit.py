@@ -4,6 +4,7 @@ of ``aol audit``, the 2-process audit against the single-process one, and every 
 import csv
 import gzip
 import json
+from unittest import mock
 import math
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def test_a_two_process_audit_equals_the_single_process_one(trained, tmp_path):
     assert [r["key"] for r in c2] == [r["key"] for r in c1]  # split order, each sample once
 
 
-def test_bad_inputs_are_named_before_any_work(trained, tmp_path):
+def test_bad_inputs_are_named_before_any_work(trained, tmp_path, capsys):
     root, runs = trained
     run = runs["posterior"]
     with pytest.raises(AuditError, match="--mc-samples must be >= 1"):
@@ -234,6 +235,14 @@ def test_bad_inputs_are_named_before_any_work(trained, tmp_path):
     manifest_path.write_text(json.dumps({**other, "image_size": 16}))  # the run trained on 8 x 8 images
     with pytest.raises(AuditError, match="holds images of image_size 16, the run trained on 8"):
         check_inputs(run, "test", str(tmp_path / "other"), 2)
+    # an output folder that cannot be made: said before the scoring, in one line
+    from aol_dist.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    with mock.patch("aol_dist.audit.command.score_split", side_effect=AssertionError("scored before the check")):
+        assert main(["audit", str(run), "--split", "test", "--out", str(tmp_path / "a_file" / "audit")]) == 1
+    assert capsys.readouterr().err.strip() == (f"aol audit: cannot make the output folder {tmp_path}/a_file/audit: "
+                                               f"a part of the path is a file, not a folder")
 
 
 def test_the_cli_prints_the_top_suspects_and_documents_its_files(trained, tmp_path, capsys):

@@ -7,6 +7,7 @@ shard and the sample), never a silent pass and never an unnamed shape error from
 
 import dataclasses
 import functools
+from unittest import mock
 import json
 
 import numpy as np
@@ -141,6 +142,11 @@ def test_eval_names_an_unfinished_run_a_missing_model_and_another_image_size(tmp
                           splits={"test": records}, image_size=16, has_truth={"test": True})
     assert main(["eval", str(run), "--shards", str(tmp_path / "big")]) == 2
     assert "images of image_size 16, the run trained on 8" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")  # an --out that cannot be made: before the evaluation, one line
+    with mock.patch("aol_dist.evaluate.evaluate", side_effect=AssertionError("evaluated before the check")):
+        assert main(["eval", str(run), "--out", str(tmp_path / "a_file" / "out")]) == 1
+    assert capsys.readouterr().err.strip() == (f"aol eval: cannot make the output folder {tmp_path}/a_file/out: "
+                                               "a part of the path is a file, not a folder")
 
 
 def test_converting_another_split_into_a_directory_adds_it_and_never_drops_one(tmp_path):

@@ -282,9 +282,11 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     from aol_dist.data.shards import label_shape, split_shards
     from aol_dist.data.stream import EvalStream
     from aol_dist.parts import build_parts
+    from aol_dist.writes import output_dir
 
     run = Path(run)
     inputs = check_inputs(run, split, shards, mc_samples)
+    out = output_dir(Path(out) if out else run / "audit")  # before the scoring, not after it
     world = world or dist.command_world()
     config = inputs.config
     parts = build_parts(config, {**inputs.manifest, "label_sets": inputs.label_sets}, world)
@@ -303,7 +305,7 @@ def run_audit(run: Path, split: str, shards: str | None = None, mc_samples: int 
     trust_training = None
     if (run / "attention.json").is_file():
         trust_training = json.loads((run / "attention.json").read_text()).get("per_finding")
-    return write_outputs(Path(out) if out else run / "audit", split, rows, inputs.label_sets,
+    return write_outputs(out, split, rows, inputs.label_sets,
                          list(inputs.manifest["findings"]), parts.label_kind == "multiclass",
                          consensus_source(parts, config.method.name), trust_training, seed, rank_by)
 
