@@ -149,6 +149,15 @@ def test_eval_names_an_unfinished_run_a_missing_model_and_another_image_size(tmp
                                                "a part of the path is a file, not a folder")
 
 
+def test_an_output_path_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    from aol_dist.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    assert main(["shards", "synth", "--out", str(tmp_path / "a_file" / "x"), "--train", "4", "--validate", "0",
+                 "--test", "0", "--image-size", "8", "--workers", "1"]) == 1
+    assert capsys.readouterr().err.strip() == f"aol shards: Not a directory: {tmp_path}/a_file/x"
+
+
 def test_converting_another_split_into_a_directory_adds_it_and_never_drops_one(tmp_path):
     jobs = [shards.ShardJob("train-000000.tar", tuple(range(6)))]
     records, _ = shards.write_split(tmp_path, jobs, fake_sample)
