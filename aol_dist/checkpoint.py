@@ -52,7 +52,7 @@ RESUMABLE_CHANGES = {
 def step_of(checkpoint: Path) -> int:
     match = _NAME.match(checkpoint.name)
     if not match:
-        raise ValueError(f"{checkpoint} is not a checkpoint directory (step-XXXXXXXX)")
+        raise RunRefused(f"{checkpoint} is not a checkpoint directory (step-XXXXXXXX)")
     return int(match.group(1))
 
 
@@ -141,16 +141,16 @@ def load(checkpoint: Path, modules: dict[str, nn.Module], optimizers: dict[str, 
     """
     state = torch.load(checkpoint / "state.pt", map_location=world.device, weights_only=True)
     if state["world_size"] != world.world_size:
-        raise ValueError(f"{checkpoint} was written by {state['world_size']} ranks; this job has "
+        raise RunRefused(f"{checkpoint} was written by {state['world_size']} ranks; this job has "
                          f"{world.world_size}. Resume with the same number of processes (the data order depends on it)")
     if [tuple(s) for s in state["train_shards"]] != [tuple(s) for s in train_shards]:
-        raise ValueError(f"{checkpoint}: the training shards (names, sample counts) differ from data.shards")
+        raise RunRefused(f"{checkpoint}: the training shards (names, sample counts) differ from data.shards")
     changed = config_changes(state["config"], config.to_dict())
     if changed:
-        raise ValueError(f"{checkpoint}: config differs in {changed}; only {sorted(RESUMABLE_CHANGES)} may change on resume")
+        raise RunRefused(f"{checkpoint}: config differs in {changed}; only {sorted(RESUMABLE_CHANGES)} may change on resume")
     missing = set(modules) ^ set(state["modules"])
     if missing:
-        raise ValueError(f"{checkpoint}: modules {sorted(state['modules'])} do not match this run's {sorted(modules)}")
+        raise RunRefused(f"{checkpoint}: modules {sorted(state['modules'])} do not match this run's {sorted(modules)}")
     for name, module in modules.items():
         load_weights(module, state["modules"][name], checkpoint / "state.pt", name)
     for name, optimizer in optimizers.items():
@@ -158,6 +158,11 @@ def load(checkpoint: Path, modules: dict[str, nn.Module], optimizers: dict[str, 
     rank_file = checkpoint / f"rank-{world.rank:05d}.pt"
     mine = torch.load(rank_file, map_location=world.device, weights_only=True)
     return {k: v for k, v in state.items() if k not in ("modules", "optimizers")}, mine
+
+
+class RunRefused(ValueError):
+    """A run this configuration may not start or continue (its directory exists, its checkpoint is from another
+    world size, config or set of shards): said in one line, naming the directory or checkpoint."""
 
 
 class WeightsMismatch(ValueError):
@@ -223,7 +228,7 @@ def open_run_dir(config: Config, world: D.World) -> RunDir:
         decision = {}
     decision = D.broadcast_object(decision, world)
     if "error" in decision:
-        raise RuntimeError(decision["error"])
+        raise RunRefused(decision["error"])
     D.barrier(world)
     return RunDir(Path(decision["work"]), Path(decision["final"]),
                   Path(decision["resume_from"]) if decision["resume_from"] else None, decision["finished"])

@@ -148,21 +148,21 @@ def test_resume_refuses_what_would_not_be_the_same_run(run_shards, tmp_path):
     with pytest.raises(RuntimeError, match="simulated preemption"):
         _train_then_fail(config, world, fail_at=2)
 
-    with pytest.raises(RuntimeError, match="holds checkpoints of an unfinished run"):
+    with pytest.raises(checkpoint.RunRefused, match="FileExistsError: .* holds checkpoints of an unfinished run"):
         checkpoint.open_run_dir(config, world)  # resume = "": never silently on top of an unfinished run
     changed, _ = _single(run_shards, runs, "r", resume="latest", steps=2)
     changed = config_from_dict({**changed.to_dict(), "method": {**changed.to_dict()["method"], "lr": 0.5}})
-    with pytest.raises(ValueError, match=r"config differs in \['method.lr'\]"):
+    with pytest.raises(checkpoint.RunRefused, match=r"config differs in \['method.lr'\]"):
         train(changed, world)
     ckpt = checkpoint.latest(runs / "r.incomplete")
     from aol_dist.parts import build_parts
     from aol_dist.data.shards import read_manifest
 
     parts = build_parts(config, read_manifest(run_shards), world)
-    with pytest.raises(ValueError, match="written by 1 ranks; this job has 2"):
+    with pytest.raises(checkpoint.RunRefused, match="written by 1 ranks; this job has 2"):
         checkpoint.load(ckpt, parts.modules(), {}, config, D.World(rank=0, world_size=2), [])
     missing, _ = _single(run_shards, runs, "nothing-here", resume="latest")
-    with pytest.raises(RuntimeError, match="no checkpoint in"):
+    with pytest.raises(checkpoint.RunRefused, match="no checkpoint in"):
         checkpoint.open_run_dir(missing, world)
 
 

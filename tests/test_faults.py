@@ -111,14 +111,24 @@ def test_a_rank_that_hangs_mid_step_ends_the_job_within_the_timeout_naming_it(sh
     assert "Ranks 1 failed to pass monitoredBarrier" in line, out[-3000:]
 
 
-def test_shards_that_are_not_there_stop_training_in_one_line(tmp_path):
+def _train_cli(*overrides):
+    return subprocess.run([sys.executable, "-m", "aol_dist.train", "--config", str(ROOT / "configs" / "demo.toml"),
+                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_bad_input_stops_training_in_one_line(shard_dir, tmp_path):
     """Bad input is the user's to fix: one line naming the file, no traceback (a bug keeps its traceback)."""
-    proc = subprocess.run([sys.executable, "-m", "aol_dist.train", "--config", str(ROOT / "configs" / "demo.toml"),
-                           f"data.shards={tmp_path / 'nowhere'}", f"train.out_dir={tmp_path / 'runs'}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _train_cli(f"data.shards={tmp_path / 'nowhere'}", f"train.out_dir={tmp_path / 'runs'}")
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"aol_dist.train: rank 0 of 1 failed: ShardError: {tmp_path}/nowhere/manifest.json: no "
                                    f"manifest; build shards with `aol shards synth|mimic|... --out {tmp_path}/nowhere`")
+    # a resume with nothing to resume: refused in one line
+    proc = _train_cli(f"data.shards={shard_dir}", "model.arch=resnet_tiny", f"train.out_dir={tmp_path / 'runs'}",
+                      "train.run_name=r", "train.resume=latest")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"aol_dist.train: rank 0 of 1 failed: RunRefused: FileNotFoundError: train.resume = "
+                                   f"latest: no checkpoint in {tmp_path}/runs/r.incomplete/checkpoints")
 
 
 _FAKE_LAUNCHER = """
