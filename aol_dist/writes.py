@@ -97,6 +97,7 @@ def output_dir(path: str | Path) -> Path:
         raise WriteError(f"cannot make the output folder {path}: {cause(e, path)}") from None
     return path
 
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary name and rename; a failed write is a one-line :class:`WriteError`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
