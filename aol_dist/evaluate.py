@@ -8,12 +8,14 @@ that of the whole split, each sample counted once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +86,8 @@ def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings:
     for t, name in enumerate(targets):
         if name == "truth" and with_truth == 0:
             continue
-        values = metrics[name].compute().double().cpu()  # collective: every rank calls it
+        with _undefined_quietly():
+            values = metrics[name].compute().double().cpu()  # collective: every rank calls it
         pos = positives[t].cpu()
         defined = (pos > 0) & (pos < total)
         auc[name] = [float(v) if ok else math.nan for v, ok in zip(values.tolist(), defined.tolist())]
@@ -97,9 +100,19 @@ def evaluate(model: nn.Module, loader: Any, label_sets: Sequence[str], findings:
     if rocs:
         result["roc"] = {}
         for name in auc:  # the same targets as the AUCs; compute() is collective, every rank calls it
-            fpr, tpr, _ = rocs[name].compute()
+            with _undefined_quietly():
+                fpr, tpr, _ = rocs[name].compute()
             result["roc"][name] = {"fpr": fpr.double().cpu().tolist(), "tpr": tpr.double().cpu().tolist()}
     return result
+
+
+@contextlib.contextmanager
+def _undefined_quietly() -> Iterator[None]:
+    """A finding without a positive (or a negative) study has no AUROC: NaN in the results, "n/a" in the
+    tables, left out of the mean. torchmetrics' warning about it would only repeat that, once per target."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"No (positive|negative) samples in targets", category=UserWarning)
+        yield
 
 
 def _nanmean(values: Sequence[float]) -> float:

@@ -156,6 +156,9 @@ def findings_table(title: str, findings: list[str], columns: dict[str, list[floa
         table.add_row(f, *(f"[bold]{fmt(v)}[/]" if bold_best and v == best else fmt(v) for v in row))
     table.add_section()
     table.add_row("Mean", *(fmt(means[name]) for name in columns), style="bold")
+    if any(math.isnan(v) for values in columns.values() for v in values):
+        table.caption = ("n/a: no positive or no negative study of that finding in this split (for that column); "
+                         "the mean leaves it out")
     if accuracy:
         from aol_dist.evaluate import ACCURACY_ROW
 

@@ -278,6 +278,30 @@ def test_multilabel_evaluation_keeps_auroc_as_its_metric(tmp_path):
     assert result["metric"] == "auroc" and "accuracy" not in result and result["samples"] == 9
 
 
+def test_a_finding_without_positives_is_nan_said_once_in_the_table_without_library_warnings():
+    import warnings
+
+    from rich.console import Console
+
+    from aol_dist.report import auc_table
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randint(0, 2, (12, 3), generator=g).to(torch.uint8)
+    truth[:, 0] = 0  # finding A: no positive study in the split
+    batch = {"image": torch.rand(12, 1, 2, 2, generator=g), "truth": truth,
+             "labels": torch.stack([truth, 1 - truth], 1)}  # set b: every entry wrong, A all positive there
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchmetrics' "No positive samples in targets" would fail here
+        result = evaluate(nn.Linear(1, 1), [batch], ["a", "b"], ["A", "B", "C"], D.World(), roc_thresholds=5,
+                          predict=lambda b: torch.randn(len(b["image"]), 3, generator=g))
+    assert math.isnan(result["auc"]["truth"][0]) and math.isnan(result["auc"]["a"][0])
+    assert math.isnan(result["auc"]["b"][0])  # all positive: no negative study either
+    assert not any(math.isnan(v) for v in result["auc"]["truth"][1:])
+    console = Console(width=160, record=True)
+    console.print(auc_table(result, "test"))
+    assert "n/a: no positive or no negative study of that finding" in " ".join(console.export_text().split())
+
+
 # --------------------------------------------------------------------------- generic converter, inspect, training
 
 
