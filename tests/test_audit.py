@@ -4,9 +4,9 @@ of ``aol audit``, the 2-process audit against the single-process one, and every 
 import csv
 import gzip
 import json
-from unittest import mock
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest

@@ -4,6 +4,7 @@ identify what the labels leave open, they are read and drawn as documented, and 
 
 import json
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -103,6 +104,13 @@ def test_a_gold_split_without_truth_or_too_small_is_named(run_shards, tmp_path):
         load_gold(run_shards, manifest, "test", [0, 1], samples=17)
     with pytest.raises(ShardError, match="no split 'validate'"):
         load_gold(run_shards, manifest, "validate", [0, 1])
+    # a split too large to hold on every rank: refused before reading, pointing at data.gold_samples
+    image_bytes = manifest["image_size"] ** 2 * manifest.get("channels", 1)
+    with mock.patch("aol_dist.data.gold.GOLD_MEMORY", 10 * image_bytes):
+        with pytest.raises(ShardError, match=r"data.gold_split 'test': 16 studies would hold .* GiB of images in "
+                                             r"memory on every rank .*; set data.gold_samples"):
+            load_gold(run_shards, manifest, "test", [0, 1])
+        assert len(load_gold(run_shards, manifest, "test", [0, 1], samples=10)) == 10
     copy = tmp_path / "copy"
     shutil.copytree(run_shards, copy)
     data = json.loads((copy / "manifest.json").read_text())

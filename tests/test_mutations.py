@@ -7,8 +7,8 @@ shard and the sample), never a silent pass and never an unnamed shape error from
 
 import dataclasses
 import functools
-from unittest import mock
 import json
+from unittest import mock
 
 import numpy as np
 import pytest

@@ -24,6 +24,10 @@ import torch
 from aol_dist.data.shards import ShardError, label_shape, split_shards
 from aol_dist.data.stream import EvalStream
 
+GOLD_MEMORY = 4 << 30
+"""Bytes of gold images every rank may hold; more is refused before reading (a whole MIMIC-CXR training split
+named as the gold split would be some 15 GB per rank at 256 x 256)."""
+
 GOLD_STREAM = 0x601D
 """Mixed into the gold draws' seed, so that they are not the training stream's shuffle."""
 
@@ -60,6 +64,11 @@ def load_gold(shard_dir: str | Path, manifest: dict[str, Any], split: str, label
     if samples > total:
         raise ShardError(f"{where} holds {total} studies; data.gold_samples asks for {samples}")
     wanted = samples or total
+    size = wanted * int(manifest.get("channels", 1)) * int(manifest["image_size"]) ** 2
+    if size > GOLD_MEMORY:
+        raise ShardError(f"{where}: {wanted} studies would hold {size / 2**30:.1f} GiB of images in memory on every "
+                         f"rank (at most {GOLD_MEMORY / 2**30:.1f}); set data.gold_samples (a few hundred studies "
+                         f"settle the trust: docs/quality.md)")
     images, labels, truth, read = [], [], [], 0
     for batch in EvalStream(shards, 0, 1, 256, label_index, label_shape(manifest)):
         if "truth" not in batch:
