@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from aol_dist.data import shards
+from aol_dist.data.convert.common import write_splits
 from aol_dist.data.convert.tokenize import tokenize, tokenizer_record
 from aol_dist.data.findings import FINDINGS, LABEL_SETS, label_sets_from_raw
 from aol_dist.data.synth import synth_split_indices, synth_study
@@ -35,17 +36,10 @@ def build_synth(out: str | Path, n_train: int = 4000, n_validate: int = 500, n_t
     record = tokenizer_record(tokenizer, max_length) if tokenizer else None
     make = functools.partial(synth_sample, seed=seed, image_size=image_size, tokenizer=record and record["path"],
                              max_length=max_length)
-    records, reused = {}, 0
     sizes = {"train": n_train, "validate": n_validate, "test": n_test}
     head = dict(findings=FINDINGS, label_sets=LABEL_SETS, image_size=image_size, tokenizer=record)
-    shards.check_directory(out, [s for s in SPLITS if sizes[s]], **head)
-    for split in SPLITS:
-        if sizes[split] == 0:
-            continue
-        indices = list(synth_split_indices(split, n_train, n_validate, n_test))
-        jobs = shards.plan_jobs(split, indices, samples_per_shard)
-        records[split], r = shards.write_split(out, jobs, make, workers)
-        reused += r
+    items = {split: list(synth_split_indices(split, n_train, n_validate, n_test)) for split in SPLITS}
+    records, reused = write_splits(out, items, make, samples_per_shard, workers, head)
     manifest = shards.write_manifest(
         out, dataset="synth", splits=records, **head,
         source={"generator": "aol_dist.data.synth", "seed": seed, "sizes": sizes},

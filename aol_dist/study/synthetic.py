@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from aol_dist.data import shards
+from aol_dist.data.convert.common import write_splits
 from aol_dist.data.findings import FINDINGS
 from aol_dist.data.synth import synth_split_indices, synth_study
 
@@ -87,13 +88,10 @@ def build_derived(out: str | Path, kind: str, options: dict[str, Any], image_siz
         names = list(INSTANCE_SETS)
     else:
         raise ValueError(f"unknown synthetic benchmark kind {kind!r}")
-    records = {}
-    for split in SPLITS:
-        indices = list(synth_split_indices(split, n_train, 0, n_test))
-        if indices:
-            records[split], _ = shards.write_split(out, shards.plan_jobs(split, indices, samples_per_shard), make, workers)
+    head = dict(findings=FINDINGS, label_sets=names, image_size=image_size)
+    items = {split: list(synth_split_indices(split, n_train, 0, n_test)) for split in SPLITS}
+    records, _ = write_splits(out, items, make, samples_per_shard, workers, head)
     return shards.write_manifest(
-        out, dataset=kind.replace("_", "-"), findings=FINDINGS, label_sets=names, splits=records,
-        image_size=image_size, has_truth={s: True for s in records},
+        out, dataset=kind.replace("_", "-"), splits=records, **head, has_truth={s: True for s in records},
         source={"generator": f"aol_dist.study.synthetic.{kind}_sample", "seed": seed, "options": options,
                 "sizes": {"train": n_train, "test": n_test}})
