@@ -22,6 +22,7 @@ import json
 import random
 import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,8 @@ import torch
 from torch import nn
 
 from aol_dist import dist as D
-from aol_dist.config import WRITTEN_BEFORE, Config, git_revision, to_toml
+from aol_dist.config import WRITTEN_BEFORE, Config, to_toml
+from aol_dist.errors import UserError
 from aol_dist.writes import atomic_write_text
 from aol_dist.writes import writing
 
@@ -160,12 +162,12 @@ def load(checkpoint: Path, modules: dict[str, nn.Module], optimizers: dict[str, 
     return {k: v for k, v in state.items() if k not in ("modules", "optimizers")}, mine
 
 
-class RunRefused(ValueError):
+class RunRefused(UserError, ValueError):
     """A run this configuration may not start or continue (its directory exists, its checkpoint is from another
     world size, config or set of shards): said in one line, naming the directory or checkpoint."""
 
 
-class WeightsMismatch(ValueError):
+class WeightsMismatch(UserError, ValueError):
     """Saved weights that do not fit the modules this configuration builds."""
 
 
@@ -232,6 +234,20 @@ def open_run_dir(config: Config, world: D.World) -> RunDir:
     D.barrier(world)
     return RunDir(Path(decision["work"]), Path(decision["final"]),
                   Path(decision["resume_from"]) if decision["resume_from"] else None, decision["finished"])
+
+
+def git_revision() -> str:
+    """The checkout's commit (with ``-dirty`` if modified), or ``unknown`` outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _decide(config: Config) -> dict[str, Any]:

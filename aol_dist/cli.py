@@ -236,16 +236,14 @@ def _add_bench_step(bench: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aol_dist.checkpoint import WeightsMismatch
-    from aol_dist.data.shards import ShardError
-    from aol_dist.writes import WriteError
+    from aol_dist.errors import UserError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     # a full disk, a permission, a run of another version, shards that do not fit (another conversion's,
-    # a bad sample): one line naming the file
-    except (WriteError, WeightsMismatch, ShardError) as e:
+    # a bad sample), whatever a command did not answer itself: one line naming the file (aol_dist/errors.py)
+    except UserError as e:
         print(f"aol {args.command}: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # an output folder that cannot be made, an input that is not there: the path, the cause

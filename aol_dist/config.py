@@ -7,11 +7,14 @@ can be reproduced from its directory alone.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from aol_dist.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -269,8 +272,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserError, ValueError):
+    """A config file or override refused on load; the message names the key."""
 
 
 def check_listing_threshold(method: MethodConfig, num_label_sets: int) -> None:
@@ -332,18 +335,23 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def split_override(item: str) -> tuple[str, str]:
+    """``"train.steps = 10"`` -> ``("train.steps", "10")``: the one reading of a command-line override."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    return key.strip(), value.strip()
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["train.steps=10", "method.k=25"]`` -> nested dict of strings."""
     tree: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
+    for key, value in map(split_override, overrides):
         node = tree
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value.strip()
+        node[leaf] = value
     return tree
 
 
@@ -389,21 +397,5 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "").validate()
 
 
-def git_revision() -> str:
-    """The checkout's commit (with ``-dirty`` if modified), or ``unknown`` outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def to_toml(config: Config, revision: str) -> str:
-    import tomli_w
-
     return f"# git revision: {revision}\n" + tomli_w.dumps(config.to_dict())

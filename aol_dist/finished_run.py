@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from aol_dist.config import Config
+from aol_dist.errors import UserError
 
 
-class RunInputError(ValueError):
+class RunInputError(UserError, ValueError):
     """A finished run and shards that do not go together, or a run that is not finished."""
 
 

@@ -11,6 +11,7 @@ import traceback
 
 from aol_dist import dist, lifeline
 from aol_dist.config import ConfigError, load_config
+from aol_dist.errors import UserError
 from aol_dist.loop import train
 
 PEER_GRACE_S = 3.0
@@ -43,14 +44,9 @@ def fail(world: dist.World, error: BaseException) -> None:
     After a failed collective the process group may be unusable and a clean shutdown may wait for
     peers that are gone; exiting now lets the launcher end the other ranks.
     """
-    from aol_dist.checkpoint import RunRefused, WeightsMismatch
-    from aol_dist.data.convert.tokenize import TokenizerMismatch
-    from aol_dist.data.shards import ShardError
-    from aol_dist.writes import WriteError
-
     # said in one line, naming the file: a failed write, shards or weights that do not fit, a refused config or
-    # resume; anything else keeps its traceback
-    if not isinstance(error, (WriteError, ShardError, WeightsMismatch, TokenizerMismatch, ConfigError, RunRefused)):
+    # resume (aol_dist/errors.py); anything else keeps its traceback
+    if not isinstance(error, UserError):
         traceback.print_exception(error)
     text = f"{type(error).__name__}: {error}"
     peers = collective_failure(error)

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from aol_dist.errors import UserError
+
 #: Free bytes below which a write error that names no errno (torch's zip writer) is taken for a full disk.
 NEARLY_FULL = 1 << 20
 
@@ -28,7 +30,7 @@ _CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota ex
            errno.ENOENT: "no such file or directory"}
 
 
-class WriteError(OSError):
+class WriteError(UserError, OSError):
     """A failed write, with the path and the cause in its one-line message."""
 
 

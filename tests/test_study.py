@@ -15,7 +15,7 @@ import pytest
 
 from aol_dist.data.shards import decode_array, decode_image, image_entry, iter_tar_samples, read_manifest, verify
 from aol_dist.study import benchmarks as B
-from aol_dist.study.grid import METHODS, Method, expand_methods, is_baseline, plan
+from aol_dist.study.grid import METHODS, Method, expand_methods, impossible, is_baseline, plan
 from aol_dist.study.runner import append_result, read_results
 from aol_dist.study.summary import summarize
 from aol_dist.study.synthetic import cue_side
@@ -156,6 +156,15 @@ def test_plan_expands_label_sets_and_selects_by_pattern(tmp_path):
     with pytest.raises(ValueError, match="aol:gold sets data.gold_samples"):
         plan(table, tmp_path, 1, ["aol", "aol:gold"], extra=("data.gold_samples = 50",))
     assert len(plan(table, tmp_path, 1, ["aol"], extra=("data.gold_samples=50", "data.gold_split=train"))) == 1
+
+
+def test_a_methods_typo_is_refused_before_any_shard_is_built(tmp_path):
+    assert impossible(["aol", "aol:*", "single:*", "single:hs", "sing*", "*", "majority"]) == []
+    assert impossible(["aol:paperr", "majorty", "singel:hs", "cm?"]) == ["aol:paperr", "majorty", "singel:hs", "cm?"]
+    proc = subprocess.run([BIN / "aol", "study", "--preset", "smoke", "--out", tmp_path, "--methods", "aol,majorty"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stderr.startswith("--methods majorty: matches no method; known: aol, aol:paper")
+    assert not (tmp_path / "shards").exists()
 
 
 def test_results_csv_survives_a_kill_mid_row(tmp_path):

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from aol_dist.errors import UserError
+
 if TYPE_CHECKING:
     from aol_dist.finished_run import FinishedRun
 
@@ -47,7 +49,7 @@ RANKINGS = {"phi": "phi", "expected_wrong": "expected_wrong"}
 """``--rank-by``: the audit CSV's order (the rows' column holding the score)."""
 
 
-class AuditError(ValueError):
+class AuditError(UserError, ValueError):
     """Bad input to the audit: named before any work."""
 
 

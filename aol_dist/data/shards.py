@@ -31,6 +31,7 @@ import numpy as np
 
 from aol_dist.data.images import IMAGE_FORMATS, decode_image, encode_image, image_entry  # noqa: F401 (re-exported)
 from aol_dist.data.tario import TarFormatError, decode_npy, iter_members
+from aol_dist.errors import UserError
 from aol_dist.writes import atomic_write_text, sha256_file, writing
 
 MANIFEST = "manifest.json"
@@ -39,7 +40,7 @@ FORMAT_VERSION = 1
 LABEL_KINDS = ("multilabel", "multiclass")
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard or manifest that does not match what was written; the message names the file."""
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aol_dist.study.benchmarks import BENCHMARKS, BenchmarkUnavailable, build_benchmark
-from aol_dist.study.grid import PRESETS, plan
+from aol_dist.study.grid import METHODS, PRESETS, impossible, plan
 from aol_dist.study.runner import command, read_results, run_grid
 from aol_dist.study.summary import summarize, tables, trust_summary, trust_tables
 
@@ -58,6 +58,11 @@ def main(args: argparse.Namespace) -> int:
         preset_toml = _write_settings(out, preset.name, settings, preset.per_benchmark)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    patterns = [p for p in args.methods.split(",") if p]
+    typos = impossible(patterns)
+    if typos:  # before the shards are built (minutes for a fresh study)
+        raise SystemExit(f"--methods {','.join(typos)}: matches no method; known: "
+                         f"{', '.join(m.label for m in METHODS)} (a {{label_set}} is one of a benchmark's label sets)")
     names = [n for n in args.benchmarks.split(",") if n] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -84,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
                 f"({time.perf_counter() - t:.0f} s)")
             built[name] = (BENCHMARKS[name], manifest["label_sets"], out / "shards" / name)
     try:
-        runs = plan(built, out, args.seeds or preset.seeds, [p for p in args.methods.split(",") if p],
+        runs = plan(built, out, args.seeds or preset.seeds, patterns,
                     per_benchmark=preset.per_benchmark, extra=args.set)
     except ValueError as e:
         raise SystemExit(str(e)) from None

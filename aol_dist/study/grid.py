@@ -156,6 +156,21 @@ def select(labels: Sequence[str], patterns: Sequence[str], defaults: Sequence[st
     return [label for label in labels if any(fnmatch.fnmatchcase(label, p) for p in patterns)]
 
 
+def impossible(patterns: Sequence[str], methods: Sequence[Method] = METHODS) -> list[str]:
+    """The ``--methods`` patterns that no row can match whatever a benchmark's label sets are: a typo is named
+    before any shards are built. A row with ``{label_set}`` (``single:{label_set}``) can match a pattern that
+    agrees with it up to the first wildcard of either; whether ``single:hs`` exists is known from the shards."""
+    def literal(text: str) -> str:
+        return text[:min((i for i, c in enumerate(text) if c in "*?["), default=len(text))]
+
+    def possible(pattern: str, m: Method) -> bool:
+        if "{label_set}" not in m.label:
+            return fnmatch.fnmatchcase(m.label, pattern)
+        head, fixed = m.label.split("{label_set}")[0], literal(pattern)
+        return fixed.startswith(head) or head.startswith(fixed)
+    return [p for p in patterns if not any(possible(p, m) for m in methods)]
+
+
 def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Path, seeds: int,
          patterns: Sequence[str] = (), methods: Sequence[Method] = METHODS,
          per_benchmark: dict[str, tuple[str, ...]] | None = None, extra: Sequence[str] = ()) -> list[Run]:
@@ -165,7 +180,9 @@ def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Pat
     of any benchmark is an error naming the known labels; so is a user's key that a chosen method row sets
     itself (the row's value would silently win)."""
     runs, known, used = [], [], set()
-    user = {o.partition("=")[0].strip(): o for o in extra}
+    from aol_dist.config import split_override
+
+    user = {split_override(o)[0]: o for o in extra}
     for name, (bench, label_sets, shard_dir) in benchmarks.items():
         rows = expand_methods(label_sets, methods)
         labels = [m.label for m in rows]
@@ -177,7 +194,7 @@ def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Pat
                 continue
             own = tuple(o.format(gold_studies=gold_studies(shard_dir)) if "{gold_studies}" in o else o
                         for o in m.overrides)
-            clash = [(user[k], o) for o in own if (k := o.partition("=")[0].strip()) in user]
+            clash = [(user[k], o) for o in own if (k := split_override(o)[0]) in user]
             if clash:
                 raise ValueError(f"--set {clash[0][0]}: method row {m.label} sets {clash[0][1]} itself, which would "
                                  f"win; leave {m.label} out of --methods, or add a row to study/grid.py METHODS")

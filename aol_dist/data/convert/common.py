@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from aol_dist.data import shards
+from aol_dist.errors import UserError
 from aol_dist.writes import atomic_write_text
 
 REPORT = "conversion_report.json"
@@ -22,7 +23,7 @@ REPORT = "conversion_report.json"
 MAX_LISTED_NOTES = 1000
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Input that cannot be converted safely (missing column, unknown value...); the message names where."""
 
 

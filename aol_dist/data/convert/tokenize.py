@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from aol_dist.errors import UserError
 
-class TokenizerMismatch(ValueError):
+
+class TokenizerMismatch(UserError, ValueError):
     """Shards tokenised with another vocabulary (or not at all) than the model's text encoder expects."""
 
 
