@@ -131,6 +131,9 @@ class MethodConfig:
     """trust = posterior with ``data.gold_split``: weight of the hand-labelled studies' -log P(Y | t, x) (a batch
     mean) beside the noisy labels' -log P(Y | x) (a batch mean). 0.3 by the study (synth-cxr, 300 of 3,000
     studies hand-labelled, 6 seeds: u0/u1 picks 10.3, 11.8, 12.7, 12.0 of 13 at 0.03, 0.1, 0.3, 1; docs/quality.md)."""
+    prior_power: float = 1.0
+    """trust = posterior: tau, the power of the classifier's prior P(t | x) in the posterior that makes the
+    training target (method/trust.py posterior_trust); 1 is the likelihood, 0 to 2 allowed; 1 by the study (docs/quality.md)."""
     trust_lr: float = 5e-2
     """trust = posterior: Adam learning rate of the annotator model and its per-sample head."""
     cm_lambda: float = 0.01
@@ -163,6 +166,7 @@ class MethodConfig:
         _require(self.trust_input in ("auto", "features", "meta", "none"),
                  f"method.trust_input must be auto, features, meta or none, got {self.trust_input!r}")
         _require(self.trust_lr > 0, "method.trust_lr must be > 0")
+        _require(0 <= self.prior_power <= 2, f"method.prior_power must be 0 to 2, got {self.prior_power}")
         _require(self.gold_weight > 0, f"method.gold_weight must be > 0, got {self.gold_weight}")
         from aol_dist.method.trust import MAX_REGIMES
 

@@ -196,7 +196,7 @@ def _label_attention(config: Config, kind: str, feature_dim: int, num_sets: int,
         head_input = mc.trust_input if mc.trust_input != "auto" else ("features" if multiclass else "none")
         try:
             return LabelTrust(feature_dim, num_sets, num_findings, multiclass, mc.annotator, head_input, mc.monotone,
-                              mc.regimes, mc.regime_balance)
+                              mc.regimes, mc.regime_balance, mc.prior_power)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return LabelAttention(feature_dim, num_sets, num_findings, per_finding=mc.attention == "per_finding")

@@ -42,6 +42,39 @@ def test_classifier_gradient_is_bce_against_the_posterior(annotator):
     torch.testing.assert_close(grad, (torch.sigmoid(logits) - q).detach() / logits.numel())
 
 
+@pytest.mark.parametrize("multiclass", [False, True])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 2.0])
+def test_a_powered_prior_gives_the_posterior_of_sigmoid_tau_z_and_trains_the_classifier_toward_it(tau, multiclass):
+    """method.prior_power tau: the posterior's prior is P(t | x)^tau renormalised (sigmoid / softmax of tau z);
+    the classifier's gradient is that of cross-entropy against it, (P(t | x) - q) / (B N); tau = 1 is the
+    likelihood, whose gradients the branch for tau != 1 reproduces as tau -> 1."""
+    torch.manual_seed(3)
+    n = 3
+    trust = LabelTrust(4, 2, n, multiclass=multiclass, annotator="independent", input="none", prior_power=tau)
+    with torch.no_grad():
+        trust.log_table.normal_()
+    logits = torch.randn(5, n, requires_grad=True)
+    labels = (torch.nn.functional.one_hot(torch.randint(0, n, (5, 2)), n) if multiclass
+              else torch.randint(0, 2, (5, 2, n))).float()
+    _, q, _ = posterior_trust(logits, labels, trust, trust.scores(None, 5))
+    plain = LabelTrust(4, 2, n, multiclass=multiclass, annotator="independent", input="none")
+    plain.load_state_dict(trust.state_dict())
+    _, expected, _ = posterior_trust(tau * logits.detach(), labels, plain, plain.scores(None, 5))
+    torch.testing.assert_close(q, expected)
+    loss, q, _ = posterior_trust(logits, labels, trust, trust.scores(None, 5))
+    (grad,) = torch.autograd.grad(loss, logits)
+    prior = torch.softmax(logits, -1) if multiclass else torch.sigmoid(logits)
+    torch.testing.assert_close(grad, (prior - q).detach() / (5 if multiclass else logits.numel()))
+    near, one = (LabelTrust(4, 2, n, multiclass=multiclass, annotator="independent", input="none", prior_power=p)
+                 for p in (1 - 1e-9, 1.0))
+    near.load_state_dict(trust.state_dict())
+    one.load_state_dict(trust.state_dict())
+    grads = [torch.autograd.grad(posterior_trust(logits, labels, t, t.scores(None, 5))[0], [logits, t.log_table])
+             for t in (near, one)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_multiclass_posterior_and_gradient():
     torch.manual_seed(2)
     trust = LabelTrust(4, 2, 3, multiclass=True, input="none")

@@ -135,11 +135,12 @@ class LabelTrust(nn.Module):
 
     def __init__(self, feature_dim: int, num_label_sets: int, num_findings: int, multiclass: bool = False,
                  annotator: str = "auto", input: str = "features", monotone: bool = True,
-                 regimes: int = 1, regime_balance: float = REGIME_BALANCE) -> None:
+                 regimes: int = 1, regime_balance: float = REGIME_BALANCE, prior_power: float = 1.0) -> None:
         super().__init__()
         if not 1 <= regimes <= MAX_REGIMES:
             raise ValueError(f"method.regimes must be 1 to {MAX_REGIMES}, got {regimes}")
         self.monotone, self.regimes, self.regime_balance = monotone, regimes, regime_balance
+        self.prior_power = prior_power
         m, n = num_label_sets, num_findings
         if annotator == "auto":
             annotator = "joint" if not multiclass and m <= MAX_JOINT_SETS else "independent"
@@ -268,13 +269,29 @@ def posterior_trust(logits: torch.Tensor, labels: torch.Tensor, trust: LabelTrus
                     log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, q, w): -mean log P(Y | x), the posterior of the truth and the trust weights over label sets.
 
+    ``trust.prior_power`` tau < 1 (``method.prior_power``): the E-step's prior is P(t | x)^tau, renormalised
+    (a sigmoid or softmax of tau z); the annotator model is fitted against it and the classifier learns by
+    cross-entropy against the posterior it gives (tau = 1: the same gradients as the likelihood). Why: a
+    classifier that has memorised its training images returns, as its prior, the posterior it was trained on,
+    and the E-step multiplies the labels' likelihood in once more every epoch: with tau = 1 the posterior
+    logit of an entry grows by the labels' log-likelihood ratio per epoch, with tau < 1 it settles at that
+    ratio / (1 - tau) (docs/quality.md, "A longer run trusts its own memory").
+
     q: (B, N) P(t_n = 1 | x, Y) multi-label, (B, K) P(t = k | x, Y) multi-class.
     w: (B, M, N) or (B, M, 1): P(label set m is right | x, Y), normalised over m.
     """
-    joint = class_log_prior(logits, trust.multiclass) + trust.log_likelihood(labels, s, log_pi)
-    log_evidence = torch.logsumexp(joint, dim=-1)
-    loss = -log_evidence.mean() + monotone_penalty(trust) + regime_balance(log_pi, trust.regime_balance)
-    post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
+    log_likelihood = trust.log_likelihood(labels, s, log_pi)
+    if trust.prior_power == 1.0:
+        joint = class_log_prior(logits, trust.multiclass) + log_likelihood
+        log_evidence = torch.logsumexp(joint, dim=-1)
+        fit = -log_evidence.mean()
+        post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
+    else:  # the prior P(t | x)^tau (renormalised) in the E-step; the classifier learns against its posterior
+        joint = class_log_prior(trust.prior_power * logits.detach(), trust.multiclass) + log_likelihood
+        log_evidence = torch.logsumexp(joint, dim=-1)
+        post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
+        fit = -log_evidence.mean() - (post * class_log_prior(logits, trust.multiclass)).sum(-1).mean()
+    loss = fit + monotone_penalty(trust) + regime_balance(log_pi, trust.regime_balance)
     q = post if trust.multiclass else post[..., 1]
     right = set_right(q, labels, trust.multiclass)
     w = right / right.sum(1, keepdim=True).clamp_min(1e-12)
