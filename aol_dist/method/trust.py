@@ -269,13 +269,13 @@ def posterior_trust(logits: torch.Tensor, labels: torch.Tensor, trust: LabelTrus
                     log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, q, w): -mean log P(Y | x), the posterior of the truth and the trust weights over label sets.
 
-    ``trust.prior_power`` tau < 1 (``method.prior_power``): the E-step's prior is P(t | x)^tau, renormalised
+    ``trust.prior_power`` tau != 1 (``method.prior_power``): the E-step's prior is P(t | x)^tau, renormalised
     (a sigmoid or softmax of tau z); the annotator model is fitted against it and the classifier learns by
-    cross-entropy against the posterior it gives (tau = 1: the same gradients as the likelihood). Why: a
-    classifier that has memorised its training images returns, as its prior, the posterior it was trained on,
-    and the E-step multiplies the labels' likelihood in once more every epoch: with tau = 1 the posterior
-    logit of an entry grows by the labels' log-likelihood ratio per epoch, with tau < 1 it settles at that
-    ratio / (1 - tau) (docs/quality.md, "A longer run trusts its own memory").
+    cross-entropy against the posterior it gives (tau -> 1: the gradients of the likelihood). Why it was
+    tried: a classifier that has memorised its training images returns, as its prior, the posterior it was
+    trained on, and the E-step multiplies the labels' likelihood in once more every epoch; with tau < 1 the
+    posterior logit settles at the labels' log-likelihood ratio / (1 - tau) instead of growing. Measured, it
+    does not help: tau = 0.5 and 0 lose AUROC and u0/u1 picks, 2 collapses (docs/quality.md, "A longer budget").
 
     q: (B, N) P(t_n = 1 | x, Y) multi-label, (B, K) P(t = k | x, Y) multi-class.
     w: (B, M, N) or (B, M, 1): P(label set m is right | x, Y), normalised over m.

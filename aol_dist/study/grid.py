@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from aol_dist.config import split_override
 from aol_dist.study.benchmarks import TEST_SPLIT, Benchmark, Scale
 
 
@@ -180,8 +181,6 @@ def plan(benchmarks: dict[str, tuple[Benchmark, Sequence[str], Path]], root: Pat
     of any benchmark is an error naming the known labels; so is a user's key that a chosen method row sets
     itself (the row's value would silently win)."""
     runs, known, used = [], [], set()
-    from aol_dist.config import split_override
-
     user = {split_override(o)[0]: o for o in extra}
     for name, (bench, label_sets, shard_dir) in benchmarks.items():
         rows = expand_methods(label_sets, methods)
