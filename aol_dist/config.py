@@ -75,8 +75,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "aol"
-    """aol (attention-on-label), single (plain BCE on ``single_label_set``), majority, soft_average, cm (paper 002),
-    truth (trains on the split's truth vector: the ceiling)."""
+    """aol (attention-on-label), single (``single_label_set``), majority, soft_average, cm (paper 002); ceilings:
+    truth (the split's truth), best_choice (the truth where some label set gives it, else the majority vote)."""
     meta_lr: float = 0.2
     """alpha of Eq. 1: step size of the per-label-set meta update."""
     lr: float = 1e-4
@@ -111,46 +111,42 @@ class MethodConfig:
     independence between label sets), independent (Dawid-Skene confusion per set), auto (joint for multi-label
     data with M <= 8, independent otherwise)."""
     trust_input: str = "auto"
-    """trust = posterior: what the per-sample head sees: features (the image features), meta (the meta
-    features F_m of Eq. 1: costs the meta step), none (one global annotator model), auto (features on
-    multi-class data, none on multi-label data: what `aol study` measured best, docs/quality.md)."""
+    """trust = posterior: what the per-sample head sees: features (the image features), meta (the meta features
+    F_m of Eq. 1: costs the meta step), none (one global annotator model), auto (features on multi-class data,
+    none on multi-label data: what `aol study` measured best)."""
     monotone: bool = True
     """trust = posterior, multi-label data: every label set says "present" more often when the finding is
     present than when it is absent (by >= 0.1), over the labelling regimes together (within one regime a set
     may be anything); false lets the annotator model fit inverted sets."""
     regimes: int = 2
     """trust = posterior: labelling regimes R. R > 1: each image's labels come from a mixture of R annotator
-    models, weighted by a small network on the image (method/trust.py RegimeNet): label sets whose
-    reliability depends on the image (which hospital, which scanner, a mark on the film). 1: one global
-    annotator model. 2 by the study (docs/quality.md): the only setting that chooses per image on
-    `instance` (+0.040 over majority vote, 6 seeds), a tie elsewhere."""
+    models, weighted by a small network on the image (method/trust.py RegimeNet): label sets whose reliability
+    depends on the image (which hospital, which scanner, a mark on the film). 1: one global annotator model.
+    2 by the study (docs/quality.md, "Labelling regimes")."""
     regime_balance: float = 1.0
     """regimes > 1: weight of KL(the batch's mean regime weights || uniform), which keeps every regime in use
     (method/trust.py regime_balance); 0 lets one regime take every image."""
     gold_weight: float = 0.3
     """trust = posterior with ``data.gold_split``: weight of the hand-labelled studies' -log P(Y | t, x) (a batch
-    mean) beside the noisy labels' -log P(Y | x) (a batch mean). 0.3 by the study (synth-cxr, 300 of 3,000
-    studies hand-labelled, 6 seeds: u0/u1 picks 10.3, 11.8, 12.7, 12.0 of 13 at 0.03, 0.1, 0.3, 1; docs/quality.md)."""
+    mean) beside the noisy labels' -log P(Y | x) (a batch mean); 0.3 by the study (docs/quality.md, "Fourth pass")."""
     prior_power: float = 1.0
-    """trust = posterior: tau, the power of the classifier's prior P(t | x) in the posterior that makes the
-    training target (method/trust.py posterior_trust); 1 is the likelihood, 0 to 2 allowed; 1 by the study (docs/quality.md)."""
+    """trust = posterior: tau, the power of the prior P(t | x) in the training target's posterior; 1 by the study."""
     trust_lr: float = 5e-2
     """trust = posterior: Adam learning rate of the annotator model and its per-sample head."""
     cm_lambda: float = 0.01
     """Weight of the mean-trace regulariser of the CM baseline (paper 002, Eq. 4)."""
     loss: str = "auto"
-    """Loss of single, majority, soft_average, truth and cm: "softmax" (cross-entropy with soft targets over
-    the classes; CM with a K x K matrix per label set), "bce" (each finding or class a yes/no: on multi-class
-    shards the paper's one-hot BCE, Sec. 3.1; CM with a 2 x 2 matrix per label set and finding), or "auto":
-    softmax on multi-class shards (manifest ``label_kind``), bce otherwise. Method aol with trust =
-    attention trains with the paper's one-hot BCE (softmax refused); trust = posterior needs no choice."""
+    """Loss of the baselines and ceilings: "softmax" (cross-entropy with soft targets over the classes; CM with a
+    K x K matrix per label set), "bce" (each finding or class a yes/no: on multi-class shards the paper's one-hot
+    BCE, Sec. 3.1; CM 2 x 2 per label set and finding), or "auto": softmax on multi-class shards (manifest
+    ``label_kind``), bce otherwise. aol with trust = attention trains with the paper's one-hot BCE."""
     cm_lr: float = 1e-2
-    """Adam learning rate of CM's confusion matrices, a parameter group of their own: at the classifier's rate
-    they hardly leave the identity. With 1e-2 a controlled problem (tests/test_multiclass.py) recovers flip
-    rates of 0.1 and 0.3 within 0.05: K x K matrices in about 400 steps, 2 x 2 per finding in about 1,500."""
+    """Adam learning rate of CM's confusion matrices, a parameter group of their own (at the classifier's rate they
+    hardly leave the identity; 1e-2 recovers known flip rates within 0.05, tests/test_multiclass.py)."""
 
     def validate(self) -> None:
-        _require(self.name in ("aol", "single", "majority", "soft_average", "cm", "truth"), f"method.name unknown: {self.name!r}")
+        _require(self.name in ("aol", "single", "majority", "soft_average", "cm", "truth", "best_choice"), "method.name "
+                 f"unknown: {self.name!r}")
         _require(self.meta_scope in ("full", "partial"), f"method.meta_scope must be full or partial, got {self.meta_scope!r}")
         _require(self.cm_lambda >= 0, "method.cm_lambda must be >= 0")
         _require(self.loss in ("auto", "softmax", "bce"), f"method.loss must be auto, softmax or bce, got {self.loss!r}")
@@ -218,10 +214,9 @@ class TrainConfig:
     to that precision). No effect on one process; refused under DeepSpeed launch configs."""
     ddp_fixed_buckets: bool = False
     """Keep DDP's first gradient-bucket layout for the whole run (``find_unused_parameters``: no rebuild after
-    the first step): a resumed run then equals the uninterrupted one bit for bit at any number of ranks. Off,
-    that holds at 1-2 ranks; from 3 ranks on, the first step after a resume sums the gradients in another
-    grouping and the runs part by float rounding (docs/distributed.md). Costs a walk of the autograd graph
-    every step, and PyTorch warns once per rank that no unused parameter was found."""
+    the first step): a resumed run then equals the uninterrupted one bit for bit at any number of ranks (off:
+    at 1-2 ranks; from 3 on the runs part by float rounding, docs/distributed.md). Costs a walk of the
+    autograd graph every step, and PyTorch warns once per rank that no unused parameter was found."""
     tensorboard: bool = False
     """Also write the logged scalars to ``<run>/tensorboard`` (needs the ``tensorboard`` package)."""
     plots: bool = True

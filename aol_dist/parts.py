@@ -163,12 +163,16 @@ def _make_step(parts: Parts, config: Config) -> Step:
                                      mc.cm_lambda, average, parts.text(batch), forward=parts.forward)
         return step
     loss_fn = baselines.soft_cross_entropy if parts.loss == "softmax" else bce
-    if mc.name == "truth":
+    if mc.name in ("truth", "best_choice"):
         where = f"{config.data.shards} split {config.data.train_split!r}"
+        multiclass = parts.label_kind == "multiclass"
 
         def step(batch, average):
-            return baselines.plain_step(model, parts.optimizer, batch["image"], baselines.truth_target(batch, where),
-                                        average, parts.text(batch), loss_fn, forward=parts.forward)
+            target = baselines.truth_target(batch, where, mc.name)
+            if mc.name == "best_choice":
+                target = baselines.best_choice_target(labels_of(batch), target, multiclass)
+            return baselines.plain_step(model, parts.optimizer, batch["image"], target, average, parts.text(batch),
+                                        loss_fn, forward=parts.forward)
         return step
     if mc.name == "single":
         name = mc.single_label_set or parts.label_sets[0]

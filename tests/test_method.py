@@ -202,6 +202,20 @@ def test_baseline_targets():
     torch.testing.assert_close(majority_target(tie), torch.tensor([[0.5]]))
 
 
+def test_best_choice_is_the_truth_where_a_label_set_gives_it_else_the_vote():
+    from aol_dist.method.baselines import best_choice_target
+
+    # (B=1, M=3, N=4): sets disagree (truth 1, truth 0), agree and right, agree and wrong
+    y = torch.tensor([[[1, 0, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0]]]).float()
+    truth = torch.tensor([[1, 0, 1, 1]]).float()
+    torch.testing.assert_close(best_choice_target(y, truth, multiclass=False), torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=torch.float32))
+    # multi-class (B=2, M=3, K=3): image 0, one set names the true class 2; image 1, none does (plurality: 0)
+    one_hot = torch.nn.functional.one_hot
+    y = one_hot(torch.tensor([[0, 0, 2], [0, 0, 1]]), 3).float()
+    truth = one_hot(torch.tensor([2, 2]), 3).float()
+    torch.testing.assert_close(best_choice_target(y, truth, multiclass=True), torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float32))
+
+
 def test_cm_matrices_row_stochastic_near_identity():
     from aol_dist.method.baselines import ConfusionMatrices
 

@@ -369,7 +369,7 @@ def _train(shard_dir, out, name, method):
     return train(config, D.World())
 
 
-@pytest.mark.parametrize("method", [{"name": "majority"}, {"name": "cm"}, {"name": "truth"},
+@pytest.mark.parametrize("method", [{"name": "majority"}, {"name": "cm"}, {"name": "truth"}, {"name": "best_choice"},
                                     {"name": "soft_average", "loss": "bce"}, {"name": "aol", "trust": "attention"}],
                          ids=lambda m: "-".join(m.values()))
 def test_multiclass_training_run_reports_top1_accuracy(mc_shards, tmp_path, method):

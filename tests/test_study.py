@@ -130,7 +130,7 @@ def test_plan_expands_label_sets_and_selects_by_pattern(tmp_path):
     labels = [m.label for m in expand_methods(["A", "B"])]
     assert labels == ["aol", "aol:paper", "aol:paper_per_finding", "aol:global", "aol:features", "aol:free", "aol:meta",
                       "aol:independent", "aol:one_regime", "aol:gold", "aol:regimes_free",
-                      "single:A", "single:B", "majority", "soft_average", "cm", "truth"]
+                      "single:A", "single:B", "majority", "soft_average", "cm", "truth", "best_choice"]
     assert [m for m in labels if is_baseline(m)] == ["single:A", "single:B", "majority", "soft_average", "cm"]
     runs = plan(table, tmp_path, 3)  # without --methods: the default rows, not the variants studied on their own
     assert len(runs) == 8 * 3 and {r.seed for r in runs} == {0, 1, 2}

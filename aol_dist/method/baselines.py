@@ -1,5 +1,5 @@
 """Baselines trained through the same pipeline: one label set (R50), majority vote, soft average, CM
-(paper 002), and the truth (the ceiling).
+(paper 002), and two ceilings: the truth, and the best choice among the label sets.
 
 Two losses (``method.loss``): ``bce``, each finding a yes/no (multi-label data; on multi-class data the
 paper's one-hot BCE, Sec. 3.1), and ``softmax``, cross-entropy with soft targets over the K classes of
@@ -44,12 +44,24 @@ def soft_average_target(labels: torch.Tensor) -> torch.Tensor:
     return labels.mean(1)
 
 
-def truth_target(batch: dict[str, Any], where: str) -> torch.Tensor:
+def truth_target(batch: dict[str, Any], where: str, method: str = "truth") -> torch.Tensor:
     """Method ``truth`` (the ceiling): the split's truth vector as the target."""
     if "truth" not in batch:
-        raise ValueError(f"method.name = truth: {where} has no truth vector; train on a split with truth "
+        raise ValueError(f"method.name = {method}: {where} has no truth vector; train on a split with truth "
                          f"(data.train_split) or choose another method")
     return batch["truth"]
+
+
+def best_choice_target(labels: torch.Tensor, truth: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """Method ``best_choice`` (a ceiling): the best target that weights over the label sets can make, the
+    concept of attention-on-label (Sec. 3.2) with a perfect choice. The truth where some label set gives it,
+    else the majority (multi-class: plurality) vote, since then every set is wrong alike. What it leaves to
+    ``truth`` is the share of the ceiling no choice among the label sets can reach: errors all sets share."""
+    if multiclass:  # labels (B, M, K) one-hot, truth (B, K) one-hot
+        given = (labels * truth.unsqueeze(1)).sum(-1).amax(1, keepdim=True) > 0
+        return torch.where(given, truth, plurality_target(labels).to(truth.dtype))
+    given = (labels == truth.unsqueeze(1)).any(1)
+    return torch.where(given, truth, majority_target(labels).to(truth.dtype))
 
 
 def resolve_loss(loss: str, label_kind: str) -> str:

@@ -46,6 +46,8 @@ METHODS: tuple[Method, ...] = (
     Method("soft_average", ("method.name=soft_average",)),
     Method("cm", ("method.name=cm",)),
     Method("truth", ("method.name=truth",)),  # the ceiling: trains on the hidden truth
+    # the ceiling of choosing among the label sets: the truth where some set gives it, else the majority vote
+    Method("best_choice", ("method.name=best_choice",), default=False),
 )
 
 #: The baselines a method is compared with: the best mean among these is "the best baseline".
