@@ -213,10 +213,30 @@ def test_summary_statistics_from_a_hand_made_results_csv(tmp_path):
     assert math.isclose(truth["mean"], 0.16) and truth["clear"] is True
     assert summary["benchmarks"]["c"]["aol"] == {"metric": "accuracy", "mean": 0.5, "std": 0.0, "seeds": 1,
                                                  "values": {"0": 0.5}, "vs_best_baseline": None}
+    assert not any("room" in m for m in b.values())  # no best_choice runs: no share of its room
+    for seed, v in enumerate([0.85, 0.86, 0.87]):  # the perfect choice among the label sets gains 0.11 over cm
+        append_result(path, {"benchmark": "b", "method": "best_choice", "seed": seed, "metric": "auroc", "value": v,
+                             "steps": 2, "seconds": 1.0, "run_dir": f"r/best_choice-{seed}"})
+    summary = summarize(read_results(path))
+    b = summary["benchmarks"]["b"]
+    assert math.isclose(b["aol"]["room"], 0.07 / 0.11) and math.isclose(b["best_choice"]["room"], 1.0)
+    assert math.isclose(b["majority"]["room"], -0.04 / 0.11) and b["cm"]["room"] == 0.0
+    from aol_dist.study.summary import tables
+
+    text = _render(tables(summary)[0])
+    assert "share of best_choice's gain" in text and "64%" in text  # aol: 0.07 of 0.11
     # a later row of the same run replaces the earlier one
     append_result(path, {"benchmark": "b", "method": "truth", "seed": 0, "metric": "auroc", "value": 0.93,
                          "steps": 2, "seconds": 1.0, "run_dir": "r/truth-0"})
     assert math.isclose(summarize(read_results(path))["benchmarks"]["b"]["truth"]["mean"], (0.93 + 0.91 + 0.92) / 3)
+
+
+def _render(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))
+    console.print(table)
+    return console.export_text()
 
 
 def _study(out, *extra):

@@ -6,6 +6,12 @@ The best baseline of a benchmark is the one with the highest mean among majority
 the single label sets (:data:`aol_dist.study.grid.BASELINES`). A difference is "clear" when its mean exceeds
 twice the larger of the two methods' seed standard deviations.
 
+Where a benchmark has ``best_choice`` runs (the best target a weighting of the label sets can make, a
+ceiling: :func:`aol_dist.method.baselines.best_choice_target`) above the best baseline, every method also
+gets ``room``: (its mean - the best baseline's) / (best_choice's mean - the best baseline's), the share of
+what a perfect choice among the label sets gains over the best baseline that the method gains (1: all of
+it; negative: below the baseline).
+
 For the runs that write a trust (``attention.json``) on a training split with truth, :func:`trust_summary`
 gives the same statistics of how often the trust names the more accurate label sets.
 """
@@ -60,8 +66,23 @@ def summarize(rows: Sequence[dict[str, Any]], keys: set[tuple[str, str, int]] | 
         out["best_baseline"][bench] = best
         for method, stats in table.items():
             stats["vs_best_baseline"] = paired_difference(stats, table[best], best) if best else None
+        _room(table, best)
         out["benchmarks"][bench] = table
     return out
+
+
+CHOICE_CEILING = "best_choice"
+
+
+def _room(table: dict[str, Any], best: str | None) -> None:
+    """Each method's share of the room between the best baseline and ``best_choice`` (module docstring)."""
+    ceiling = table.get(CHOICE_CEILING)
+    if best is None or ceiling is None or ceiling["mean"] is None or ceiling["mean"] <= table[best]["mean"]:
+        return
+    span = ceiling["mean"] - table[best]["mean"]
+    for stats in table.values():
+        if stats["mean"] is not None:
+            stats["room"] = (stats["mean"] - table[best]["mean"]) / span
 
 
 def paired_difference(stats: dict[str, Any], base: dict[str, Any], base_name: str) -> dict[str, Any] | None:
@@ -137,7 +158,10 @@ def tables(summary: dict[str, Any]) -> list[Any]:
         best = summary["best_baseline"].get(bench)
         metric = next(iter(methods.values()))["metric"]
         table = Table(title=f"{bench}: {metric} against truth (mean +- std over seeds); best baseline: {best or 'none'}")
-        for column in ("method", metric, "seeds", f"paired diff to {best or 'best baseline'}", ""):
+        room = any("room" in s for s in methods.values())
+        columns = ("method", metric, "seeds", f"paired diff to {best or 'best baseline'}", "",
+                   *(("share of best_choice's gain",) if room else ()))
+        for column in columns:
             table.add_column(column, justify="left" if column == "method" else "right")
         for method, s in methods.items():
             value = "missing" if s["mean"] is None else f"{s['mean']:.4f} +- {s['std']:.4f}"
@@ -145,7 +169,8 @@ def tables(summary: dict[str, Any]) -> list[Any]:
             diff = "" if d is None or method == best else f"{d['mean']:+.4f} +- {d['std']:.4f}"
             note = "best baseline" if method == best else ("clear lead" if d and d["clear"] else "")
             style = "bold" if note else None
+            share = (f"{s['room']:.0%}" if "room" in s and method != best else "",) if room else ()
             table.add_row(method, value, str(s["seeds"]) + (f" ({s['missing']} missing)" if s.get("missing") else ""),
-                          diff, note, style=style)
+                          diff, note, *share, style=style)
         out.append(table)
     return out
