@@ -10,7 +10,7 @@ from aol_dist.study.grid import is_baseline
 
 
 def _colour(method: str) -> str:
-    if method == "truth":
+    if method in ("truth", "best_choice"):  # the ceilings
         return "tab:green"
     if method.startswith("aol"):
         return "tab:blue"
