@@ -1,5 +1,4 @@
-"""WebDataset tar shards and their manifest: writing (parallel, resumable, atomic) and verify
-(``aol shards inspect``: data/label_stats.py).
+"""WebDataset tar shards and their manifest: writing (parallel, resumable, atomic) and verify (inspect: label_stats.py).
 
 One sample = one frontal image (8-bit grey or RGB, PNG or JPEG, resized once at conversion), the M
 label vectors as one ``(M, N)`` uint8 array (names in the manifest; M may be 0 for an evaluation-only
@@ -54,10 +53,8 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def encode_sample(sample: dict[str, Any]) -> dict[str, bytes]:
-    """Canonical sample dict -> the files of one tar sample (suffix -> bytes).
-
-    ``sample["image_format"]`` (default ``"png"``) picks the image entry: ``png`` or ``jpg``.
-    """
+    """Canonical sample dict -> the files of one tar sample (suffix -> bytes); ``sample["image_format"]``
+    (default ``"png"``) picks the image entry: ``png`` or ``jpg``."""
     image_format = sample.get("image_format", "png")
     files = {
         image_format: encode_image(sample["image"], image_format, sample["key"]),
@@ -356,7 +353,7 @@ def plan_jobs(split: str, items: Sequence[Any], samples_per_shard: int) -> list[
             for i in range(0, len(items), samples_per_shard)]
 
 
-# --------------------------------------------------------------------------- verify / inspect
+# --------------------------------------------------------------------------- verify
 
 
 def verify(shard_dir: str | Path) -> dict[str, int]:
