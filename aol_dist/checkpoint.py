@@ -35,8 +35,7 @@ from torch import nn
 from aol_dist import dist as D
 from aol_dist.config import WRITTEN_BEFORE, Config, to_toml
 from aol_dist.errors import UserError
-from aol_dist.writes import atomic_write_text
-from aol_dist.writes import writing
+from aol_dist.writes import atomic_write_text, writing
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8})$")

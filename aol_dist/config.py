@@ -145,8 +145,8 @@ class MethodConfig:
     hardly leave the identity; 1e-2 recovers known flip rates within 0.05, tests/test_multiclass.py)."""
 
     def validate(self) -> None:
-        _require(self.name in ("aol", "single", "majority", "soft_average", "cm", "truth", "best_choice"), "method.name "
-                 f"unknown: {self.name!r}")
+        _require(self.name in ("aol", "single", "majority", "soft_average", "cm", "truth", "best_choice"),
+                 f"method.name unknown: {self.name!r}")
         _require(self.meta_scope in ("full", "partial"), f"method.meta_scope must be full or partial, got {self.meta_scope!r}")
         _require(self.cm_lambda >= 0, "method.cm_lambda must be >= 0")
         _require(self.loss in ("auto", "softmax", "bce"), f"method.loss must be auto, softmax or bce, got {self.loss!r}")

@@ -280,17 +280,14 @@ def posterior_trust(logits: torch.Tensor, labels: torch.Tensor, trust: LabelTrus
     q: (B, N) P(t_n = 1 | x, Y) multi-label, (B, K) P(t = k | x, Y) multi-class.
     w: (B, M, N) or (B, M, 1): P(label set m is right | x, Y), normalised over m.
     """
-    log_likelihood = trust.log_likelihood(labels, s, log_pi)
-    if trust.prior_power == 1.0:
-        joint = class_log_prior(logits, trust.multiclass) + log_likelihood
-        log_evidence = torch.logsumexp(joint, dim=-1)
-        fit = -log_evidence.mean()
-        post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
-    else:  # the prior P(t | x)^tau (renormalised) in the E-step; the classifier learns against its posterior
-        joint = class_log_prior(trust.prior_power * logits.detach(), trust.multiclass) + log_likelihood
-        log_evidence = torch.logsumexp(joint, dim=-1)
-        post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
-        fit = -log_evidence.mean() - (post * class_log_prior(logits, trust.multiclass)).sum(-1).mean()
+    tau = trust.prior_power  # != 1: the prior P(t | x)^tau (renormalised), the classifier learns against its posterior
+    prior_logits = logits if tau == 1.0 else tau * logits.detach()
+    joint = class_log_prior(prior_logits, trust.multiclass) + trust.log_likelihood(labels, s, log_pi)
+    log_evidence = torch.logsumexp(joint, dim=-1)
+    post = torch.exp(joint - log_evidence.unsqueeze(-1)).detach()
+    fit = -log_evidence.mean()
+    if tau != 1.0:
+        fit = fit - (post * class_log_prior(logits, trust.multiclass)).sum(-1).mean()
     loss = fit + monotone_penalty(trust) + regime_balance(log_pi, trust.regime_balance)
     q = post if trust.multiclass else post[..., 1]
     right = set_right(q, labels, trust.multiclass)

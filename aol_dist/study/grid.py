@@ -54,6 +54,10 @@ METHODS: tuple[Method, ...] = (
 BASELINES = ("majority", "soft_average", "cm", "single:*")
 
 
+#: The ceilings, trained with the hidden truth: no baseline, the bounds a method is read against.
+CEILINGS = ("truth", "best_choice")
+
+
 def is_baseline(label: str) -> bool:
     return any(fnmatch.fnmatchcase(label, pattern) for pattern in BASELINES)
 

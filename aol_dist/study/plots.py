@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from aol_dist.study.grid import is_baseline
+from aol_dist.study.grid import CEILINGS, is_baseline
 
 
 def _colour(method: str) -> str:
-    if method in ("truth", "best_choice"):  # the ceilings
+    if method in CEILINGS:
         return "tab:green"
     if method.startswith("aol"):
         return "tab:blue"
